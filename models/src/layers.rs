@@ -1,0 +1,127 @@
+//! Building blocks shared by the model families, named after the diffusers modules they
+//! mirror. Each takes the weight-name prefix the diffusers module has in the checkpoint.
+
+use ditto_ir::{Graph, Id};
+
+use crate::ModelError;
+
+pub type R<T = Id> = Result<T, ModelError>;
+
+/// `nn.Linear(in_features, out_features, bias)` at `prefix`.
+pub fn linear(g: &mut Graph, x: Id, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> R {
+    let w = g.weight(&format!("{prefix}.weight"), &[out_f, in_f])?;
+    if bias {
+        let b = g.weight(&format!("{prefix}.bias"), &[out_f])?;
+        Ok(g.linear_bias(x, w, b)?)
+    } else {
+        Ok(g.linear(x, w)?)
+    }
+}
+
+/// diffusers `TimestepEmbedding` fed by `Timesteps(in_ch, flip_sin_to_cos, shift)`:
+/// sinusoidal features -> linear_1 -> SiLU -> linear_2.
+pub fn timestep_embedder(
+    g: &mut Graph,
+    t: Id,
+    prefix: &str,
+    in_ch: usize,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+) -> R {
+    let f = g.timestep_embedding(t, in_ch, flip_sin_to_cos, downscale_freq_shift, 1.0)?;
+    mlp_silu(g, f, prefix, in_ch, dim)
+}
+
+/// linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding`, `PixArtAlphaTextProjection`
+/// with act "silu").
+pub fn mlp_silu(g: &mut Graph, x: Id, prefix: &str, in_f: usize, dim: usize) -> R {
+    let h = linear(g, x, &format!("{prefix}.linear_1"), in_f, dim, true)?;
+    let h = g.silu(h)?;
+    linear(g, h, &format!("{prefix}.linear_2"), dim, dim, true)
+}
+
+/// diffusers `FeedForward(dim, activation_fn="gelu-approximate")`: net.0.proj -> GELU(tanh)
+/// -> net.2.
+pub fn feed_forward_gelu_tanh(g: &mut Graph, x: Id, prefix: &str, dim: usize, inner: usize) -> R {
+    let h = linear(g, x, &format!("{prefix}.net.0.proj"), dim, inner, true)?;
+    let h = g.gelu_tanh(h)?;
+    linear(g, h, &format!("{prefix}.net.2"), inner, dim, true)
+}
+
+/// `x * (1 + scale) + shift` with per-sample vectors `shift`, `scale` of shape [B, D]
+/// broadcast over the tokens of x [B, S, D].
+pub fn modulate(g: &mut Graph, x: Id, shift: Id, scale: Id) -> R {
+    let b = g.shape(shift)[0];
+    let d = g.shape(shift)[1];
+    let shift = g.reshape(shift, &[b, 1, d])?;
+    let scale = g.reshape(scale, &[b, 1, d])?;
+    let one_plus = g.add_scalar(scale, 1.0)?;
+    let y = g.mul(x, one_plus)?;
+    Ok(g.add_(y, shift)?)
+}
+
+/// `x + gate * y` with a per-sample gate [B, D] broadcast over tokens.
+pub fn gated_residual(g: &mut Graph, x: Id, gate: Id, y: Id) -> R {
+    let b = g.shape(gate)[0];
+    let d = g.shape(gate)[1];
+    let gate = g.reshape(gate, &[b, 1, d])?;
+    let gy = g.mul(y, gate)?;
+    Ok(g.add_(x, gy)?)
+}
+
+/// Conv2d(kernel = stride = p) patch embedding as patchify + linear:
+/// x[B, C, H, W] -> tokens [B, (H/p)*(W/p), D] in row-major patch order.
+pub fn patch_embed(
+    g: &mut Graph,
+    x: Id,
+    prefix: &str,
+    in_ch: usize,
+    dim: usize,
+    p: usize,
+) -> R {
+    let s = g.shape(x).to_vec();
+    let (b, h, w) = (s[0], s[2], s[3]);
+    if s[1] != in_ch || h % p != 0 || w % p != 0 {
+        return Err(ModelError::Input(format!(
+            "hidden_states must be [B, {in_ch}, H, W] with H and W multiples of the patch size {p}, got {s:?}"
+        )));
+    }
+    let (gh, gw) = (h / p, w / p);
+    let r = g.reshape(x, &[b, in_ch, gh, p, gw, p])?;
+    let r = g.permute(r, &[0, 2, 4, 1, 3, 5])?;
+    let tokens = g.reshape(r, &[b, gh * gw, in_ch * p * p])?;
+    let w4 = g.weight(&format!("{prefix}.weight"), &[dim, in_ch, p, p])?;
+    let w2 = g.reshape(w4, &[dim, in_ch * p * p])?;
+    let bias = g.weight(&format!("{prefix}.bias"), &[dim])?;
+    Ok(g.linear_bias(tokens, w2, bias)?)
+}
+
+/// Inverse of patchify as diffusers' DiT/PixArt/SD3 do it: tokens [B, h*w, p*p*c] with
+/// channel order (py, px, c) -> image [B, c, h*p, w*p].
+pub fn unpatchify(g: &mut Graph, x: Id, p: usize, h: usize, w: usize, c: usize) -> R {
+    let b = g.shape(x)[0];
+    let r = g.reshape(x, &[b, h, w, p, p, c])?;
+    let r = g.permute(r, &[0, 5, 1, 3, 2, 4])?;
+    Ok(g.reshape(r, &[b, c, h * p, w * p])?)
+}
+
+/// Self-attention's projections: q, k, v (each [B, S, D]) from `x` at `prefix.to_{q,k,v}`.
+pub fn qkv(g: &mut Graph, x: Id, prefix: &str, dim_in: usize, inner: usize, bias: bool) -> R<[Id; 3]> {
+    Ok([
+        linear(g, x, &format!("{prefix}.to_q"), dim_in, inner, bias)?,
+        linear(g, x, &format!("{prefix}.to_k"), dim_in, inner, bias)?,
+        linear(g, x, &format!("{prefix}.to_v"), dim_in, inner, bias)?,
+    ])
+}
+
+/// Per-head RMS norm with weight `prefix.weight` [head_dim] on x [B, S, H*D].
+pub fn head_rms_norm(g: &mut Graph, x: Id, prefix: &str, heads: usize, eps: f64) -> R {
+    let s = g.shape(x).to_vec();
+    let d = s[2] / heads;
+    let r = g.reshape(x, &[s[0], s[1], heads, d])?;
+    let n = g.rms_norm(r, eps)?;
+    let w = g.weight(&format!("{prefix}.weight"), &[d])?;
+    let n = g.mul(n, w)?;
+    Ok(g.reshape(n, &s)?)
+}
