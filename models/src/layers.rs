@@ -72,14 +72,7 @@ pub fn gated_residual(g: &mut Graph, x: Id, gate: Id, y: Id) -> R {
 
 /// Conv2d(kernel = stride = p) patch embedding as patchify + linear:
 /// x[B, C, H, W] -> tokens [B, (H/p)*(W/p), D] in row-major patch order.
-pub fn patch_embed(
-    g: &mut Graph,
-    x: Id,
-    prefix: &str,
-    in_ch: usize,
-    dim: usize,
-    p: usize,
-) -> R {
+pub fn patch_embed(g: &mut Graph, x: Id, prefix: &str, in_ch: usize, dim: usize, p: usize) -> R {
     let s = g.shape(x).to_vec();
     let (b, h, w) = (s[0], s[2], s[3]);
     if s[1] != in_ch || h % p != 0 || w % p != 0 {
@@ -107,7 +100,14 @@ pub fn unpatchify(g: &mut Graph, x: Id, p: usize, h: usize, w: usize, c: usize) 
 }
 
 /// Self-attention's projections: q, k, v (each [B, S, D]) from `x` at `prefix.to_{q,k,v}`.
-pub fn qkv(g: &mut Graph, x: Id, prefix: &str, dim_in: usize, inner: usize, bias: bool) -> R<[Id; 3]> {
+pub fn qkv(
+    g: &mut Graph,
+    x: Id,
+    prefix: &str,
+    dim_in: usize,
+    inner: usize,
+    bias: bool,
+) -> R<[Id; 3]> {
     Ok([
         linear(g, x, &format!("{prefix}.to_q"), dim_in, inner, bias)?,
         linear(g, x, &format!("{prefix}.to_k"), dim_in, inner, bias)?,
@@ -124,4 +124,81 @@ pub fn head_rms_norm(g: &mut Graph, x: Id, prefix: &str, heads: usize, eps: f64)
     let w = g.weight(&format!("{prefix}.weight"), &[d])?;
     let n = g.mul(n, w)?;
     Ok(g.reshape(n, &s)?)
+}
+
+/// `linear(silu(emb))` at `prefix.linear` ([n*dim, emb_dim]) split into `n` vectors [B, dim],
+/// in the order diffusers' adaptive norms unpack them (AdaLayerNormZero: shift, scale, gate
+/// for attention then for the MLP; AdaLayerNormContinuous: scale, shift).
+pub fn ada_chunks(
+    g: &mut Graph,
+    emb: Id,
+    prefix: &str,
+    emb_dim: usize,
+    dim: usize,
+    n: usize,
+) -> R<Vec<Id>> {
+    let e = g.silu(emb)?;
+    let e = linear(g, e, &format!("{prefix}.linear"), emb_dim, n * dim, true)?;
+    Ok(g.chunk(e, n, 1)?)
+}
+
+/// diffusers `AdaLayerNormContinuous(dim, emb_dim, elementwise_affine=False, eps)`, the
+/// `norm_out` of SD3/Flux: LN(x) * (1 + scale) + shift with (scale, shift) chunked in that
+/// order — the reverse of AdaLayerNormZero.
+pub fn ada_layer_norm_continuous(
+    g: &mut Graph,
+    x: Id,
+    emb: Id,
+    prefix: &str,
+    emb_dim: usize,
+    dim: usize,
+    eps: f64,
+) -> R {
+    let c = ada_chunks(g, emb, prefix, emb_dim, dim, 2)?;
+    let n = g.layer_norm(x, eps)?;
+    modulate(g, n, c[1], c[0])
+}
+
+/// diffusers `CombinedTimestepTextProjEmbeddings` (`guidance` None) and
+/// `CombinedTimestepGuidanceTextProjEmbeddings` at `prefix`: timestep_embedder(Timesteps(256,
+/// flip_sin_to_cos=True, shift=0)(t)) [+ guidance_embedder(same features of guidance)] +
+/// text_embedder(pooled) (PixArtAlphaTextProjection, SiLU), summed in that order.
+pub fn combined_timestep_text_proj(
+    g: &mut Graph,
+    t: Id,
+    guidance: Option<Id>,
+    pooled: Id,
+    prefix: &str,
+    pooled_dim: usize,
+    dim: usize,
+) -> R {
+    let mut emb = timestep_embedder(
+        g,
+        t,
+        &format!("{prefix}.timestep_embedder"),
+        256,
+        dim,
+        true,
+        0.0,
+    )?;
+    if let Some(gd) = guidance {
+        let ge = timestep_embedder(
+            g,
+            gd,
+            &format!("{prefix}.guidance_embedder"),
+            256,
+            dim,
+            true,
+            0.0,
+        )?;
+        emb = g.add_(emb, ge)?;
+    }
+    let text = mlp_silu(
+        g,
+        pooled,
+        &format!("{prefix}.text_embedder"),
+        pooled_dim,
+        dim,
+    )?;
+    Ok(g.add_(emb, text)?)
 }

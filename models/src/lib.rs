@@ -4,8 +4,14 @@
 //! `_class_name`) using diffusers' weight names, so a checkpoint folder loads as it is.
 
 pub mod checkpoint;
+pub mod dit;
+pub mod family;
+pub mod flux;
 pub mod layers;
+pub mod pixart;
+pub mod sd3;
 pub mod tensor_file;
+pub mod vae;
 
 use std::path::Path;
 

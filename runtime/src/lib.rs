@@ -1,1 +1,16 @@
-//! ditto-runtime
+//! ditto-runtime: executes per-rank Programs (CPU backend), schedulers and the denoising loop.
+
+pub mod cpu;
+pub mod scheduler;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("program binding: {0}")]
+    Binding(String),
+    #[error("bad input: {0}")]
+    Input(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}

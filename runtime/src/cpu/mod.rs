@@ -1,0 +1,3 @@
+pub mod executor;
+mod fused;
+pub mod kernels;

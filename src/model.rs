@@ -1,0 +1,195 @@
+//! `Model`: a checkpoint folder, its family and its weights, compiled to Programs on demand.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ditto_codegen::Program;
+use ditto_ir::Graph;
+use ditto_models::checkpoint::Checkpoint;
+use ditto_models::family::{self, ModelFamily};
+use ditto_models::tensor_file::HostTensor;
+use ditto_models::{BuildOptions, Shapes};
+use ditto_passes::{PassReport, Pipeline, RunOptions};
+use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
+
+use crate::Error;
+
+/// A model folder in diffusers' layout (`config.json` + safetensors weights).
+pub struct Model {
+    dir: PathBuf,
+    family: Box<dyn ModelFamily>,
+    checkpoint: Checkpoint,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    /// Also output every block's results (`block.<list>.<i>.out<j>`).
+    pub block_outputs: bool,
+    /// Write the IR after every pass (text + DOT) here.
+    pub dump_dir: Option<PathBuf>,
+    /// Run the verifier after every pass.
+    pub verify: bool,
+}
+
+/// A compiled program with the pass pipeline's report.
+pub struct Compiled {
+    pub program: Program,
+    pub reports: Vec<PassReport>,
+    pub graph: Graph,
+}
+
+impl Model {
+    /// Opens a model folder: reads `config.json`, picks the family from `_class_name`, checks
+    /// the config, and maps the weights (nothing is read until a program needs them).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Model, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        let config = ditto_models::read_config(&dir)?;
+        let path = dir.join("config.json").display().to_string();
+        let family = family::from_config(&config, &path)?;
+        let checkpoint = Checkpoint::open(&dir)?;
+        Ok(Model {
+            dir,
+            family,
+            checkpoint,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn family(&self) -> &dyn ModelFamily {
+        self.family.as_ref()
+    }
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The forward graph for `shapes`, before any pass.
+    pub fn graph(&self, shapes: &Shapes, block_outputs: bool) -> Result<Graph, Error> {
+        Ok(self
+            .family
+            .build(shapes, &BuildOptions { block_outputs })?)
+    }
+
+    /// Builds the graph, runs the pass pipeline and lowers it to a Program.
+    pub fn compile(&self, shapes: &Shapes, opts: &CompileOptions) -> Result<Compiled, Error> {
+        let graph = self.graph(shapes, opts.block_outputs)?;
+        let (graph, reports) = Pipeline::default_cpu().run(
+            graph,
+            &RunOptions {
+                dump_dir: opts.dump_dir.clone(),
+                verify_each: opts.verify,
+            },
+        )?;
+        let program = ditto_codegen::lower(&graph)?;
+        Ok(Compiled {
+            program,
+            reports,
+            graph,
+        })
+    }
+
+    /// Reads the weights `program` needs, checking each against the shape the model expects.
+    pub fn load_weights(&self, program: &Program) -> Result<Weights, Error> {
+        let weights = program
+            .weights
+            .iter()
+            .map(|b| self.checkpoint.load_f32(&b.name, &b.shape))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(weights))
+    }
+
+    /// A ready-to-run session for `shapes`.
+    pub fn session(&self, shapes: &Shapes, opts: &CompileOptions) -> Result<Session, Error> {
+        let compiled = self.compile(shapes, opts)?;
+        let weights = self.load_weights(&compiled.program)?;
+        Session::new(Arc::new(compiled.program), weights)
+    }
+
+    /// One forward pass on named inputs (diffusers' forward-argument names); returns
+    /// `sample` (and nothing else).
+    pub fn forward(
+        &self,
+        inputs: &BTreeMap<String, HostTensor>,
+    ) -> Result<BTreeMap<String, HostTensor>, Error> {
+        self.forward_with(inputs, &CompileOptions::default())
+    }
+
+    /// [`forward`](Self::forward) with compile options (e.g. block outputs).
+    pub fn forward_with(
+        &self,
+        inputs: &BTreeMap<String, HostTensor>,
+        opts: &CompileOptions,
+    ) -> Result<BTreeMap<String, HostTensor>, Error> {
+        let shapes: BTreeMap<String, Vec<usize>> = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shape.clone()))
+            .collect();
+        let shapes = self.family.shapes_from_inputs(&shapes)?;
+        self.session(&shapes, opts)?.run(inputs)
+    }
+}
+
+/// A compiled program bound to its weights on the CPU backend.
+pub struct Session {
+    executor: CpuExecutor,
+}
+
+impl Session {
+    pub fn new(program: Arc<Program>, weights: Weights) -> Result<Session, Error> {
+        Ok(Session {
+            executor: CpuExecutor::new(program, weights)?,
+        })
+    }
+
+    pub fn program(&self) -> &Program {
+        self.executor.program()
+    }
+
+    /// Runs on named inputs, checking names and shapes against the program.
+    pub fn run(
+        &mut self,
+        inputs: &BTreeMap<String, HostTensor>,
+    ) -> Result<BTreeMap<String, HostTensor>, Error> {
+        let program = self.executor.program();
+        for name in inputs.keys() {
+            if !program.inputs.iter().any(|b| &b.name == name) {
+                let known: Vec<&str> = program.inputs.iter().map(|b| b.name.as_str()).collect();
+                return Err(Error::Input(format!(
+                    "input `{name}` is not an argument of this model (it takes: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        let mut bound: Vec<&[f32]> = Vec::with_capacity(program.inputs.len());
+        for b in &program.inputs {
+            let t = inputs.get(&b.name).ok_or_else(|| {
+                Error::Input(format!(
+                    "missing input `{}` (expected shape {:?})",
+                    b.name, b.shape
+                ))
+            })?;
+            if t.shape != b.shape {
+                return Err(Error::Input(format!(
+                    "input `{}` has shape {:?} but the model expects {:?}",
+                    b.name, t.shape, b.shape
+                )));
+            }
+            bound.push(&t.data);
+        }
+        let outs = self.executor.run(&bound)?;
+        let program = self.executor.program();
+        Ok(program
+            .outputs
+            .iter()
+            .zip(outs)
+            .map(|((name, v), data)| {
+                (
+                    name.clone(),
+                    HostTensor::new(program.values[*v].shape.clone(), data),
+                )
+            })
+            .collect())
+    }
+}
