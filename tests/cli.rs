@@ -1,0 +1,120 @@
+//! The `ditto` command line: forward, inspect, compile (with IR dumps) and run, and clear
+//! errors (exit status 1, a message, no panic) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn ditto(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ditto"))
+        .args(args)
+        .output()
+        .expect("run ditto");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn forward_writes_output_matching_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    for fam in ["dit", "vae"] {
+        let dir = fixture(fam);
+        let io = dir.join("io.safetensors");
+        let (ok, _, err) = ditto(&["forward", "--model", p(&dir), "--inputs", p(&io), "--out", p(&out)]);
+        assert!(ok, "{err}");
+        let ours = ditto::read_tensors(&out).unwrap();
+        let reference = ditto::read_tensors(&io).unwrap();
+        let e = ours["output"].max_rel_err(&reference["output"]);
+        assert!(e <= 1e-4, "{fam}: {e}");
+    }
+}
+
+#[test]
+fn inspect_describes_the_model() {
+    let (ok, out, err) = ditto(&["inspect", "--model", p(&fixture("pixart")), "--height", "256", "--width", "128"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("PixArtTransformer2DModel"), "{out}");
+    assert!(out.contains("heads         4 x 16"), "{out}");
+    // 256x128 px -> 32x16 latent -> 16x8 patches of 2.
+    assert!(out.contains("image tokens  128"), "{out}");
+    let (ok, out, err) = ditto(&["inspect", "--model", p(&fixture("flux"))]);
+    assert!(ok, "{err}");
+    assert!(out.contains("FluxTransformer2DModel"), "{out}");
+}
+
+#[test]
+fn compile_dumps_readable_ir_that_reparses_and_plan_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("dump");
+    let plan = tmp.path().join("plan");
+    let dir = fixture("pixart");
+    let (ok, out, err) = ditto(&[
+        "compile", "--model", p(&dir), "--height", "128", "--width", "128", "--batch", "2",
+        "--text-len", "7", "--out", p(&plan), "--dump-dir", p(&dump), "--verify",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("pass canonicalize"), "{out}");
+    let mut ir_files: Vec<PathBuf> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ir"))
+        .collect();
+    ir_files.sort();
+    assert!(ir_files.len() >= 4, "{ir_files:?}");
+    for f in &ir_files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let g = ditto::ir::text::parse(&text)
+            .unwrap_or_else(|e| panic!("{} does not re-parse: {e}", f.display()));
+        ditto::ir::verify(&g).unwrap();
+        assert!(f.with_extension("dot").exists());
+    }
+    let last = std::fs::read_to_string(ir_files.last().unwrap()).unwrap();
+    assert!(last.contains("attention") && last.contains("fused"), "{last}");
+    assert!(last.contains("w:transformer_blocks.0.attn1.to_q.weight"));
+
+    // Compile-then-run gives the forward result.
+    let io = dir.join("io.safetensors");
+    let out = tmp.path().join("out.safetensors");
+    let (ok, _, err) = ditto(&["run", "--plan", p(&plan), "--model", p(&dir), "--inputs", p(&io), "--out", p(&out)]);
+    assert!(ok, "{err}");
+    let e = ditto::read_tensors(&out).unwrap()["output"]
+        .max_rel_err(&ditto::read_tensors(&io).unwrap()["output"]);
+    assert!(e <= 1e-4, "{e}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    // Inputs of another model: wrong shapes and names.
+    let (ok, _, err) = ditto(&[
+        "forward", "--model", p(&fixture("dit")), "--inputs",
+        p(&fixture("sd3").join("io.safetensors")), "--out", p(&out),
+    ]);
+    assert!(!ok);
+    assert!(err.starts_with("error:") && !err.contains("panicked"), "{err}");
+    // A file that is not safetensors.
+    let (ok, _, err) = ditto(&[
+        "forward", "--model", p(&fixture("dit")), "--inputs",
+        p(&fixture("dit").join("config.json")), "--out", p(&out),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("config.json") && !err.contains("panicked"), "{err}");
+    // A size that does not fit the latent grid.
+    let (ok, _, err) = ditto(&["compile", "--model", p(&fixture("dit")), "--height", "100"]);
+    assert!(!ok);
+    assert!(err.contains("--height 100"), "{err}");
+}
