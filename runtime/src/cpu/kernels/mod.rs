@@ -15,8 +15,6 @@ mod vmath;
 
 #[cfg(test)]
 pub(crate) mod test_util;
-#[cfg(test)]
-mod bench_tmp;
 
 /// Element count below which spreading work over rayon costs more than it saves.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;

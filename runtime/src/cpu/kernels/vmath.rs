@@ -1,12 +1,13 @@
 //! Branch-free scalar building blocks written so LLVM can vectorize the loops
-//! that use them, plus runtime dispatch to an AVX2 build of those loops (the
-//! crate is compiled for baseline x86-64, which only guarantees SSE2).
+//! that use them, plus runtime dispatch to AVX-512/AVX2 builds of those loops
+//! (the crate is compiled for baseline x86-64, which only guarantees SSE2;
+//! AVX-512 halves the cost of the softmax exponentials again over AVX2).
 
-/// Defines `fn $name` whose body is compiled twice — for the baseline target
-/// and with AVX2+FMA enabled — and picks the best one at runtime.
+/// Defines `fn $name` whose body is compiled three times — for the baseline
+/// target, with AVX2+FMA and with AVX-512F — and picks the best one at runtime.
 ///
-/// FMA being enabled does not change results: Rust never contracts `a * b + c`
-/// on its own, so both builds round identically.
+/// The builds round identically: Rust never contracts `a * b + c` into an FMA
+/// or reassociates reductions on its own, so only the vector width differs.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -24,14 +25,13 @@ macro_rules! multiversion {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU features `avx512` was compiled for were just detected
-                    // (AVX-512F implies AVX2 and FMA).
+                let avx2_fma = std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma");
+                if avx2_fma && std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU features `avx512` was compiled for were just detected.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if avx2_fma {
                     // SAFETY: the CPU features `avx2` was compiled for were just detected.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -42,8 +42,8 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Width of the independent accumulators used by reductions: wide enough to
-/// fill two AVX registers, which breaks the add-latency chain.
+/// Independent accumulators per reduction (one AVX-512 or two AVX registers):
+/// enough parallel add chains to hide the add latency.
 const LANES: usize = 16;
 
 /// Block length after which partial f32 sums are flushed into an f64 total,
@@ -165,8 +165,8 @@ multiversion! {
     /// lets attention scale the much smaller output rows instead of the scores.
     pub(crate) fn softmax_exp_inplace(x: &mut [f32]) -> (f32, f32) {
         let m = max(x);
-        // All -inf (or empty) rows: keep torch's NaN result rather than
-        // inventing a distribution; `-inf - -inf` yields exactly that.
+        // A row of all -inf yields NaN (`-inf - -inf`), matching torch rather
+        // than inventing a distribution.
         for v in x.iter_mut() {
             *v = exp_f32(*v - m);
         }
