@@ -110,14 +110,29 @@ impl Pass for Canonicalize {
         // Add node by node, to remember where each e-class first appeared in the input.
         let mut egraph = IrEGraph::new(ShapeAnalysis);
         let mut class_of: Vec<Id> = Vec::with_capacity(g.len() + 1);
-        for node in g.to_rooted_recexpr().as_ref() {
-            let node = node.clone().map_children(|c| class_of[usize::from(c)]);
+        let class = |class_of: &[Id], c: Id| {
+            class_of
+                .get(usize::from(c))
+                .copied()
+                .ok_or_else(|| PassError::Failed {
+                    pass,
+                    reason: format!("%{c} is used before it is defined (or is not a node)"),
+                })
+        };
+        for node in g.nodes() {
+            let mut node = node.clone();
+            for c in node.children_mut() {
+                *c = class(&class_of, *c)?;
+            }
             class_of.push(egraph.add(node));
         }
-        let root = *class_of.last().ok_or_else(|| PassError::Failed {
-            pass,
-            reason: "empty graph".into(),
-        })?;
+        let outputs = g
+            .outputs
+            .iter()
+            .map(|(_, id)| class(&class_of, *id))
+            .collect::<Result<_, _>>()?;
+        let root = egraph.add(Op::Outputs(outputs));
+        class_of.push(root);
         let rules = rules::rules();
         let runner = Runner::<Op, ShapeAnalysis, ()>::new(ShapeAnalysis)
             .with_egraph(egraph)
@@ -167,11 +182,10 @@ impl Pass for Canonicalize {
             first_seen.entry(eg.find(c)).or_insert(i);
         }
         let key = |id: Id| first_seen.get(&eg.find(id)).copied().unwrap_or(usize::MAX);
-        let rebuilt = pick(root)
+        let mut rebuilt = pick(root)
             .and_then(|root| ordered(&root, pick, key))
             .and_then(|expr| Graph::from_recexpr(&expr, &names, g.kernels.clone()))
             .map_err(|error| PassError::Ir { pass, error })?;
-        let mut rebuilt = rebuilt;
         retain_used_kernels(&mut rebuilt);
 
         // A rule merging values of different shapes would go unnoticed by the re-inference

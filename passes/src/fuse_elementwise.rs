@@ -63,17 +63,26 @@ impl Pass for FuseElementwise {
         let nodes = g.nodes();
         let n = nodes.len();
 
-        // Uses of each node, once per operand slot (so `mul x x` uses x twice).
-        let mut users: Vec<Vec<usize>> = vec![vec![]; n];
-        for (i, node) in nodes.iter().enumerate() {
-            for &c in node.children() {
-                users[usize::from(c)].push(i);
-            }
-        }
         let mut is_output = vec![false; n];
         for (_, id) in &g.outputs {
             if let Some(o) = is_output.get_mut(usize::from(*id)) {
                 *o = true;
+            }
+        }
+        // Live nodes (reaching an output), and the live uses of each node, once per operand
+        // slot (so `mul x x` uses x twice). Dead nodes are left alone and pruned at the end.
+        let mut live = is_output.clone();
+        let mut users: Vec<Vec<usize>> = vec![vec![]; n];
+        for i in (0..n).rev() {
+            if !live[i] {
+                continue;
+            }
+            for &c in nodes[i].children() {
+                let c = usize::from(c);
+                if let (Some(l), Some(u)) = (live.get_mut(c), users.get_mut(c)) {
+                    *l = true;
+                    u.push(i);
+                }
             }
         }
 
@@ -85,7 +94,7 @@ impl Pass for FuseElementwise {
         let mut groups: Vec<Group> = vec![];
         for i in (0..n).rev() {
             let node = &nodes[i];
-            if !node.is_elementwise() {
+            if !node.is_elementwise() || !live[i] {
                 continue;
             }
             let weight = 1 + 2 * node.children().len() as u64;
@@ -173,6 +182,9 @@ impl Pass for FuseElementwise {
         let mut map: Vec<Option<Id>> = vec![None; n];
         let mut fused_nodes = 0usize;
         for (i, node) in nodes.iter().enumerate() {
+            if !live[i] {
+                continue;
+            }
             let gi = group_of[i];
             let fused = gi.and_then(|gi| bodies[gi].as_ref().map(|b| (gi, b)));
             let new_op = match fused {

@@ -455,3 +455,15 @@ fn a_deep_residual_stack_is_simplified_even_past_usize_tree_sizes() {
     assert_eq!(kinds(&out.graph, |n| matches!(n, Op::Silu(_))), 300);
     assert_eq!(kinds(&out.graph, |n| matches!(n, Op::Add(_))), 300);
 }
+
+#[test]
+fn an_output_that_is_not_a_node_is_an_error_not_a_panic() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[2]).unwrap();
+    g.output("y", x);
+    g.outputs.push(("bad".into(), ditto_ir::Id::from(99usize)));
+    let err = canon().run(&g).unwrap_err();
+    assert_eq!(err.pass(), "canonicalize");
+    let err = FuseElementwise.run(&g).unwrap_err();
+    assert_eq!(err.pass(), "fuse_elementwise");
+}

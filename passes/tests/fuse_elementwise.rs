@@ -262,3 +262,27 @@ fn running_twice_changes_nothing_more() {
     let twice = run_checked(&fuse(), &once.graph);
     assert_eq!(text::print(&once.graph), text::print(&twice.graph));
 }
+
+#[test]
+fn dead_nodes_do_not_hold_back_fusion_and_disappear() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[4]).unwrap();
+    let a = g.silu(x).unwrap();
+    let b = g.neg(a).unwrap();
+    let _dead = g.exp(a).unwrap(); // uses `a` but reaches no output
+    let _dead2 = g.tanh(x).unwrap();
+    g.output("y", b);
+    let res = run_checked(&fuse(), &g);
+    assert_eq!(
+        text::print(&res.graph),
+        "input x: f32[4]
+kernel k0_silu_neg = (neg (silu (arg 0)))
+%0 = fused k0_silu_neg in:x  # f32[4]
+output y = %0
+"
+    );
+    assert_eq!(
+        res.notes[0],
+        "fused 2 elementwise nodes into 1 groups using 1 kernels"
+    );
+}

@@ -3,6 +3,9 @@
 //! identity like `x * 1` can still change a value's shape through broadcasting or its dtype
 //! (an `i64` input times `1.0` is `f32`), so the appliers consult the [`ShapeAnalysis`].
 //!
+//! All rules are exact in f32, with one IEEE nuance: `x + 0.0 -> x` keeps `-0.0` where the
+//! original produced `+0.0` (the two compare equal; every ML compiler makes this trade).
+//!
 //! Rules whose operands have a fixed arity are egg patterns with a [`ConditionalApplier`];
 //! rules over variadic nodes (`reshape x d0 d1 ...`, `permute x p0 p1 ...`) use a small
 //! custom [`Searcher`] that inspects e-nodes directly and an [`Applier`] that rebuilds the
