@@ -23,11 +23,17 @@ impl Analysis<Op> for ShapeAnalysis {
     fn merge(&mut self, a: &mut Meta, b: Meta) -> DidMerge {
         match (&*a, &b) {
             (x, y) if x == y => DidMerge(false, false),
-            (Meta::Invalid(_), _) => {
+            (Meta::Invalid(_), _) => DidMerge(false, true),
+            (_, Meta::Invalid(_)) => {
                 *a = b;
                 DidMerge(true, false)
             }
-            _ => DidMerge(false, true),
+            // Two valid but different metas in one class: a rewrite equated values of
+            // different shapes. Mark the class so the verifier reports it.
+            (x, y) => {
+                *a = Meta::Invalid(format!("a rewrite merged {x} with {y}"));
+                DidMerge(true, true)
+            }
         }
     }
 }

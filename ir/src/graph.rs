@@ -291,7 +291,7 @@ impl Graph {
         let mut dims = dims.to_vec();
         if let Some(pos) = dims.iter().position(|&d| d == usize::MAX) {
             let known: usize = dims.iter().filter(|&&d| d != usize::MAX).product();
-            dims[pos] = if known == 0 { 0 } else { numel / known };
+            dims[pos] = numel.checked_div(known).unwrap_or(0);
         }
         if dims.as_slice() == self.shape(x) {
             return Ok(x);

@@ -81,7 +81,7 @@ pub fn print(g: &Graph) -> String {
         let mut line = format!(
             "{} = {}",
             names[i].as_deref().expect("named"),
-            node.to_string()
+            node
         );
         for &c in egg::Language::children(node) {
             line.push(' ');
