@@ -1,5 +1,6 @@
 //! ditto-runtime: executes per-rank Programs (CPU backend), schedulers and the denoising loop.
 
+pub mod comm;
 pub mod cpu;
 pub mod scheduler;
 
