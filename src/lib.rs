@@ -17,8 +17,10 @@
 //! # Ok::<(), ditto::Error>(())
 //! ```
 
+pub mod bench;
 mod error;
 mod model;
+pub mod pipeline;
 
 pub use ditto_codegen as codegen;
 pub use ditto_ir as ir;
@@ -31,3 +33,7 @@ pub use ditto_models::tensor_file::{read_tensors, write_tensors, HostTensor};
 pub use ditto_models::{BuildOptions, Shapes, Summary};
 pub use error::Error;
 pub use model::{CompileOptions, Compiled, Model, Session};
+pub use pipeline::{
+    GenerateRequest, Generation, Noise, Pipeline, PipelineError, Progress, PromptEmbeds,
+    TimestepSchedule,
+};

@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use ditto::{CompileOptions, HostTensor, Model, Session, Shapes};
 
 #[derive(Parser)]
-#[command(name = "ditto", version, about = "Compile and run Diffusion Transformers")]
+#[command(
+    name = "ditto",
+    version,
+    about = "Compile and run Diffusion Transformers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +31,8 @@ enum Command {
     Compile(CompileArgs),
     /// Run a Program written by `ditto compile` on inputs from a safetensors file.
     Run(RunArgs),
+    /// Generate images with a diffusers pipeline folder (default: the built-in shapes model).
+    Generate(GenerateArgs),
 }
 
 #[derive(Args)]
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect(a),
         Command::Compile(a) => compile(a),
         Command::Run(a) => run(a),
+        Command::Generate(a) => generate(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -230,7 +237,11 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let s = model.family().summary(&shapes);
     let ck = model.checkpoint();
     println!("model         {}", a.model.display());
-    println!("class         {} ({})", s.class_name, model.family().family());
+    println!(
+        "class         {} ({})",
+        s.class_name,
+        model.family().family()
+    );
     println!(
         "parameters    {} ({:.1} MiB on disk)",
         ck.num_parameters(),
@@ -307,5 +318,325 @@ fn run(a: RunArgs) -> Result<()> {
     let inputs = read_forward_inputs(&a.inputs)?;
     let outs = session.run(&inputs)?;
     write_outputs(&a.out, &outs, false)?;
+    Ok(())
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Pipeline folder in diffusers' layout (model_index.json, transformer/, scheduler/,
+    /// optional vae/). Default: the built-in shapes-dit model (32x32 shapes, 4 classes).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// safetensors with `prompt_embeds`, `negative_prompt_embeds` and (SD3, Flux)
+    /// `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` (text-conditioned models).
+    #[arg(long)]
+    prompt_embeds: Option<PathBuf>,
+    /// Class label(s) of a class-conditional model, numbers or names, comma-separated
+    /// (default for the built-in model: all classes).
+    #[arg(long, value_delimiter = ',')]
+    class_label: Vec<String>,
+    /// safetensors whose tensor `latents` is the initial noise, in the transformer's layout
+    /// (packed [B, tokens, 4C] for Flux). Default: noise from --seed.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Seed of PyTorch's CPU generator (the same noise as diffusers with
+    /// `torch.Generator().manual_seed(S)`). Sample j of each condition uses seed S + j.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples per class label or prompt (a grid row each). Default: 4 for the built-in
+    /// model, 1 otherwise.
+    #[arg(long)]
+    num_samples: Option<usize>,
+    /// Denoising steps (default: the pipeline's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (none when <= 1), or Flux's embedded guidance.
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Image height in pixels (default: the model's sample size).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default: the model's sample size).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Use the scheduler's own timestep spacing even where the diffusers pipeline passes
+    /// sigmas (Flux passes linspace(1, 1/n, n)).
+    #[arg(long)]
+    scheduler_timesteps: bool,
+    /// Where to write the PNG (a grid: one row per condition, one column per sample).
+    #[arg(long, default_value = "ditto-samples.png")]
+    out: PathBuf,
+    /// Nearest-neighbour scale factor of the PNG (default: up to about 128 px per image).
+    #[arg(long)]
+    upscale: Option<usize>,
+    /// Also write `latents` (final) and `image` (decoder output, f32, before 8-bit
+    /// conversion) to this safetensors file.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+}
+
+/// A class label given as a number or as a name from the pipeline's labels.
+fn parse_class(text: &str, pipe: &ditto::Pipeline) -> Result<usize> {
+    let text = text.trim();
+    if let Ok(n) = text.parse::<usize>() {
+        return Ok(n);
+    }
+    let found = pipe
+        .labels()
+        .iter()
+        .find(|(_, name)| name.split(',').any(|n| n.trim().eq_ignore_ascii_case(text)));
+    match found {
+        Some((&i, _)) => Ok(i),
+        None => {
+            let known: Vec<String> = pipe
+                .labels()
+                .iter()
+                .take(10)
+                .map(|(i, n)| format!("{i} {n}"))
+                .collect();
+            bail!(
+                "--class-label `{text}` is neither a number nor a known class name{}",
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (known: {})", known.join(", "))
+                }
+            )
+        }
+    }
+}
+
+/// Each row of a [B, ...] tensor repeated `k` times in place ([a, a, b, b] for k = 2).
+fn repeat_rows(t: &HostTensor, k: usize) -> HostTensor {
+    let b = t.shape.first().copied().unwrap_or(0);
+    let row = t.data.len() / b.max(1);
+    let mut shape = t.shape.clone();
+    if let Some(s) = shape.first_mut() {
+        *s = b * k;
+    }
+    let data = t
+        .data
+        .chunks(row.max(1))
+        .flat_map(|r| std::iter::repeat_n(r, k).flatten().copied())
+        .collect();
+    HostTensor::new(shape, data)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    use ditto::{GenerateRequest, Noise, Pipeline, Progress, PromptEmbeds, TimestepSchedule};
+
+    let builtin = a.model.is_none();
+    let mut pipe = match &a.model {
+        Some(dir) => Pipeline::load(dir)?,
+        None => Pipeline::builtin()?,
+    };
+    let per_condition = a.num_samples.unwrap_or(if builtin { 4 } else { 1 });
+    if per_condition == 0 {
+        bail!("--num-samples must be at least 1");
+    }
+    let mut classes = a
+        .class_label
+        .iter()
+        .map(|c| parse_class(c, &pipe))
+        .collect::<Result<Vec<_>>>()?;
+    let prompt = a
+        .prompt_embeds
+        .as_deref()
+        .map(PromptEmbeds::read)
+        .transpose()?;
+    if let Some(n) = pipe.num_classes() {
+        if prompt.is_some() {
+            bail!(
+                "this {} model is class-conditional: use --class-label, not --prompt-embeds",
+                pipe.family()
+            );
+        }
+        if classes.is_empty() {
+            if !builtin {
+                bail!(
+                    "this model is class-conditional: give --class-label (0..={})",
+                    n.saturating_sub(1)
+                );
+            }
+            classes = (0..n).collect();
+        }
+    } else {
+        if !classes.is_empty() {
+            bail!(
+                "this {} model is text-conditioned: use --prompt-embeds, not --class-label",
+                pipe.family()
+            );
+        }
+        if prompt.is_none() {
+            bail!("this {} model is text-conditioned: give --prompt-embeds FILE (text-encoder outputs)", pipe.family());
+        }
+    }
+
+    // Rows of the grid are conditions, columns samples; sample j uses seed + j.
+    let conditions = match &prompt {
+        Some(p) => p.prompt_embeds.shape.first().copied().unwrap_or(1),
+        None => classes.len(),
+    };
+    let mut request = match &prompt {
+        Some(p) => GenerateRequest::prompt(PromptEmbeds {
+            prompt_embeds: repeat_rows(&p.prompt_embeds, per_condition),
+            negative_prompt_embeds: p.negative_prompt_embeds.as_ref().map(|t| {
+                if t.shape.first() == Some(&1) {
+                    t.clone()
+                } else {
+                    repeat_rows(t, per_condition)
+                }
+            }),
+            pooled_prompt_embeds: p
+                .pooled_prompt_embeds
+                .as_ref()
+                .map(|t| repeat_rows(t, per_condition)),
+            negative_pooled_prompt_embeds: p.negative_pooled_prompt_embeds.as_ref().map(|t| {
+                if t.shape.first() == Some(&1) {
+                    t.clone()
+                } else {
+                    repeat_rows(t, per_condition)
+                }
+            }),
+        }),
+        None => GenerateRequest::classes(
+            classes
+                .iter()
+                .flat_map(|&c| std::iter::repeat_n(c, per_condition))
+                .collect(),
+        ),
+    };
+    let (rows, cols) = match &a.latents {
+        Some(path) => {
+            if a.num_samples.is_some() {
+                bail!("--num-samples does not apply with --latents (the batch is the latents' first axis)");
+            }
+            let mut file = ditto::read_tensors(path)?;
+            let lat = file
+                .remove("latents")
+                .ok_or_else(|| anyhow!("{}: no tensor named `latents`", path.display()))?;
+            let b = lat.shape.first().copied().unwrap_or(0);
+            if let Some(p) = &mut request.prompt {
+                // The latents set the batch: the prompt rows are taken as they are.
+                if let Some(orig) = &prompt {
+                    *p = orig.clone();
+                }
+            } else if classes.len() == 1 || classes.len() == b {
+                request.class_labels = classes.clone();
+            } else {
+                bail!(
+                    "{} class labels for {b} latents: give one label, or one per latent",
+                    classes.len()
+                );
+            }
+            request.noise = Noise::Latents(lat);
+            let cols = (b as f64).sqrt().ceil().max(1.0) as usize;
+            (b.div_ceil(cols), cols)
+        }
+        None => {
+            let seeds = (0..conditions)
+                .flat_map(|_| (0..per_condition as u64).map(|j| a.seed.wrapping_add(j)))
+                .collect();
+            request.noise = Noise::Seeds(seeds);
+            (conditions, per_condition)
+        }
+    };
+    request.steps = a.steps;
+    request.guidance = a.guidance;
+    request.height = a.height;
+    request.width = a.width;
+    if a.scheduler_timesteps {
+        request.timesteps = TimestepSchedule::Scheduler;
+    }
+
+    let steps = a.steps.unwrap_or(pipe.default_steps());
+    let guidance = a.guidance.unwrap_or(pipe.default_guidance());
+    eprintln!(
+        "{} ({}, {}): {} step(s), guidance {guidance}{}; compiling...",
+        pipe.source(),
+        pipe.pipeline_class(),
+        pipe.scheduler_class(),
+        steps,
+        if pipe.uses_cfg(guidance) {
+            " (CFG)"
+        } else {
+            ""
+        },
+    );
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut total = 0.0f64;
+    let result = pipe.generate_with(&request, &mut |p| match p {
+        Progress::Compiled { seconds, num_steps } => {
+            eprintln!("compiled in {seconds:.2}s");
+            let pb = indicatif::ProgressBar::new(num_steps as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40.cyan/blue} {pos}/{len} steps [{elapsed_precise}] {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar = Some(pb);
+        }
+        Progress::Step { step, seconds, .. } => {
+            total += seconds;
+            if let Some(pb) = &bar {
+                pb.set_message(format!("{:.3} s/step", total / (step + 1) as f64));
+                pb.inc(1);
+            }
+        }
+        Progress::Decoded { seconds } => eprintln!("decoded in {seconds:.2}s"),
+    });
+    if let Some(pb) = bar.take() {
+        pb.finish_and_clear();
+    }
+    let gen = result?;
+
+    let &[_, _, h, w] = gen.image.shape.as_slice() else {
+        bail!("unexpected image shape {:?}", gen.image.shape);
+    };
+    let upscale = a.upscale.unwrap_or((128 / h.max(w).max(1)).max(1));
+    let img = ditto::pipeline::grid(&gen.image, rows, cols, upscale)?;
+    ditto::pipeline::write_png(&a.out, &img)?;
+    if let Some(path) = &a.save_latents {
+        ditto::write_tensors(path, &[("latents", &gen.latents), ("image", &gen.image)])?;
+        eprintln!("wrote {}", path.display());
+    }
+    let n = gen.step_seconds.len().max(1) as f64;
+    let per_step = gen.step_seconds.iter().sum::<f64>() / n;
+    let labels: Vec<String> = if prompt.is_none() {
+        classes
+            .iter()
+            .map(|c| {
+                pipe.labels()
+                    .get(c)
+                    .map_or(c.to_string(), |n| format!("{c} {n}"))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    println!(
+        "wrote {} ({}x{} grid of {h}x{w} images{}{}): {} steps at {:.3} s/step{}",
+        a.out.display(),
+        rows,
+        cols,
+        if upscale > 1 {
+            format!(", shown {upscale}x")
+        } else {
+            String::new()
+        },
+        if labels.is_empty() || a.latents.is_some() {
+            String::new()
+        } else {
+            format!("; rows: {}", labels.join(", "))
+        },
+        gen.step_seconds.len(),
+        per_step,
+        if gen.cfg {
+            format!(" (batch {} with CFG)", 2 * gen.latents.shape[0])
+        } else {
+            String::new()
+        },
+    );
     Ok(())
 }
