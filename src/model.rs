@@ -67,9 +67,7 @@ impl Model {
 
     /// The forward graph for `shapes`, before any pass.
     pub fn graph(&self, shapes: &Shapes, block_outputs: bool) -> Result<Graph, Error> {
-        Ok(self
-            .family
-            .build(shapes, &BuildOptions { block_outputs })?)
+        Ok(self.family.build(shapes, &BuildOptions { block_outputs })?)
     }
 
     /// Builds the graph, runs the pass pipeline and lowers it to a Program.

@@ -33,7 +33,15 @@ fn forward_writes_output_matching_diffusers() {
     for fam in ["dit", "vae"] {
         let dir = fixture(fam);
         let io = dir.join("io.safetensors");
-        let (ok, _, err) = ditto(&["forward", "--model", p(&dir), "--inputs", p(&io), "--out", p(&out)]);
+        let (ok, _, err) = ditto(&[
+            "forward",
+            "--model",
+            p(&dir),
+            "--inputs",
+            p(&io),
+            "--out",
+            p(&out),
+        ]);
         assert!(ok, "{err}");
         let ours = ditto::read_tensors(&out).unwrap();
         let reference = ditto::read_tensors(&io).unwrap();
@@ -44,7 +52,15 @@ fn forward_writes_output_matching_diffusers() {
 
 #[test]
 fn inspect_describes_the_model() {
-    let (ok, out, err) = ditto(&["inspect", "--model", p(&fixture("pixart")), "--height", "256", "--width", "128"]);
+    let (ok, out, err) = ditto(&[
+        "inspect",
+        "--model",
+        p(&fixture("pixart")),
+        "--height",
+        "256",
+        "--width",
+        "128",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("PixArtTransformer2DModel"), "{out}");
     assert!(out.contains("heads         4 x 16"), "{out}");
@@ -62,8 +78,22 @@ fn compile_dumps_readable_ir_that_reparses_and_plan_runs() {
     let plan = tmp.path().join("plan");
     let dir = fixture("pixart");
     let (ok, out, err) = ditto(&[
-        "compile", "--model", p(&dir), "--height", "128", "--width", "128", "--batch", "2",
-        "--text-len", "7", "--out", p(&plan), "--dump-dir", p(&dump), "--verify",
+        "compile",
+        "--model",
+        p(&dir),
+        "--height",
+        "128",
+        "--width",
+        "128",
+        "--batch",
+        "2",
+        "--text-len",
+        "7",
+        "--out",
+        p(&plan),
+        "--dump-dir",
+        p(&dump),
+        "--verify",
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("pass canonicalize"), "{out}");
@@ -82,13 +112,26 @@ fn compile_dumps_readable_ir_that_reparses_and_plan_runs() {
         assert!(f.with_extension("dot").exists());
     }
     let last = std::fs::read_to_string(ir_files.last().unwrap()).unwrap();
-    assert!(last.contains("attention") && last.contains("fused"), "{last}");
+    assert!(
+        last.contains("attention") && last.contains("fused"),
+        "{last}"
+    );
     assert!(last.contains("w:transformer_blocks.0.attn1.to_q.weight"));
 
     // Compile-then-run gives the forward result.
     let io = dir.join("io.safetensors");
     let out = tmp.path().join("out.safetensors");
-    let (ok, _, err) = ditto(&["run", "--plan", p(&plan), "--model", p(&dir), "--inputs", p(&io), "--out", p(&out)]);
+    let (ok, _, err) = ditto(&[
+        "run",
+        "--plan",
+        p(&plan),
+        "--model",
+        p(&dir),
+        "--inputs",
+        p(&io),
+        "--out",
+        p(&out),
+    ]);
     assert!(ok, "{err}");
     let e = ditto::read_tensors(&out).unwrap()["output"]
         .max_rel_err(&ditto::read_tensors(&io).unwrap()["output"]);
@@ -101,18 +144,34 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     let out = tmp.path().join("out.safetensors");
     // Inputs of another model: wrong shapes and names.
     let (ok, _, err) = ditto(&[
-        "forward", "--model", p(&fixture("dit")), "--inputs",
-        p(&fixture("sd3").join("io.safetensors")), "--out", p(&out),
+        "forward",
+        "--model",
+        p(&fixture("dit")),
+        "--inputs",
+        p(&fixture("sd3").join("io.safetensors")),
+        "--out",
+        p(&out),
     ]);
     assert!(!ok);
-    assert!(err.starts_with("error:") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.starts_with("error:") && !err.contains("panicked"),
+        "{err}"
+    );
     // A file that is not safetensors.
     let (ok, _, err) = ditto(&[
-        "forward", "--model", p(&fixture("dit")), "--inputs",
-        p(&fixture("dit").join("config.json")), "--out", p(&out),
+        "forward",
+        "--model",
+        p(&fixture("dit")),
+        "--inputs",
+        p(&fixture("dit").join("config.json")),
+        "--out",
+        p(&out),
     ]);
     assert!(!ok);
-    assert!(err.contains("config.json") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("config.json") && !err.contains("panicked"),
+        "{err}"
+    );
     // A size that does not fit the latent grid.
     let (ok, _, err) = ditto(&["compile", "--model", p(&fixture("dit")), "--height", "100"]);
     assert!(!ok);

@@ -15,7 +15,11 @@ fn fixture(name: &str) -> PathBuf {
 /// A copy of a fixture model folder whose weights and config can be edited.
 fn copy_fixture(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors", "io.safetensors"] {
+    for f in [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "io.safetensors",
+    ] {
         std::fs::copy(fixture(name).join(f), dir.path().join(f)).unwrap();
     }
     dir
@@ -81,7 +85,10 @@ fn unknown_class_is_refused() {
     let cfg = cfg.replace("DiTTransformer2DModel", "UNet2DConditionModel");
     std::fs::write(d.path().join("config.json"), cfg).unwrap();
     let e = forward_err(d.path());
-    assert!(e.contains("unknown model class `UNet2DConditionModel`"), "{e}");
+    assert!(
+        e.contains("unknown model class `UNet2DConditionModel`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -97,7 +104,10 @@ fn bad_config_values_name_the_field() {
     assert!(e.contains("num_attention_heads"), "{e}");
     std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
     let e = forward_err(d.path());
-    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -132,7 +142,10 @@ fn inputs_of_the_wrong_shape_are_named() {
     assert!(e.contains("timestep"), "{e}");
 
     let mut inputs = forward_inputs(&d);
-    inputs.insert("hidden_states".into(), HostTensor::new(vec![2, 4, 15, 16], vec![0.0; 2 * 4 * 15 * 16]));
+    inputs.insert(
+        "hidden_states".into(),
+        HostTensor::new(vec![2, 4, 15, 16], vec![0.0; 2 * 4 * 15 * 16]),
+    );
     let e = model.forward(&inputs).unwrap_err().to_string();
     assert!(e.contains("hidden_states"), "{e}");
 }
@@ -142,7 +155,10 @@ fn class_label_out_of_range_is_an_error() {
     let d = fixture("dit");
     let model = Model::load(&d).unwrap();
     let mut inputs = forward_inputs(&d);
-    inputs.insert("class_labels".into(), HostTensor::new(vec![2], vec![3.0, 11.0]));
+    inputs.insert(
+        "class_labels".into(),
+        HostTensor::new(vec![2], vec![3.0, 11.0]),
+    );
     let e = model.forward(&inputs).unwrap_err().to_string();
     assert!(e.contains("11") && e.contains("out of range"), "{e}");
 }

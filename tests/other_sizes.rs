@@ -50,7 +50,11 @@ fn random_model(config: &serde_json::Value, shapes: &Shapes) -> tempfile::TempDi
         }
     }
     let list: Vec<(&str, &HostTensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    ditto::write_tensors(&dir.path().join("diffusion_pytorch_model.safetensors"), &list).unwrap();
+    ditto::write_tensors(
+        &dir.path().join("diffusion_pytorch_model.safetensors"),
+        &list,
+    )
+    .unwrap();
     dir
 }
 
@@ -85,7 +89,11 @@ fn take_sample(t: &HostTensor, name: &str, i: usize, batch: usize) -> HostTensor
     HostTensor::new(shape, t.data[i * per..(i + 1) * per].to_vec())
 }
 
-fn check_batch_equals_samples(fixture_name: &str, edit: impl Fn(&mut serde_json::Value), shapes: Shapes) {
+fn check_batch_equals_samples(
+    fixture_name: &str,
+    edit: impl Fn(&mut serde_json::Value),
+    shapes: Shapes,
+) {
     let mut config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture(fixture_name).join("config.json")).unwrap(),
     )
@@ -103,9 +111,15 @@ fn check_batch_equals_samples(fixture_name: &str, edit: impl Fn(&mut serde_json:
             .map(|(k, v)| (k.clone(), take_sample(v, k, i, shapes.batch)))
             .collect();
         let out = model.forward(&single).unwrap()["sample"].clone();
-        let reference = HostTensor::new(out.shape.clone(), batched.data[i * per..(i + 1) * per].to_vec());
+        let reference = HostTensor::new(
+            out.shape.clone(),
+            batched.data[i * per..(i + 1) * per].to_vec(),
+        );
         let err = out.max_rel_err(&reference);
-        assert!(err <= 1e-5, "{fixture_name}: sample {i} differs from the batch: {err}");
+        assert!(
+            err <= 1e-5,
+            "{fixture_name}: sample {i} differs from the batch: {err}"
+        );
     }
 }
 
@@ -121,7 +135,12 @@ fn dit_three_heads_non_square_batch_three_more_layers() {
             set(c, "num_attention_heads", 3.into());
             set(c, "num_layers", 3.into());
         },
-        Shapes { batch: 3, height: 8, width: 12, text_len: 0 },
+        Shapes {
+            batch: 3,
+            height: 8,
+            width: 12,
+            text_len: 0,
+        },
     );
 }
 
@@ -134,7 +153,12 @@ fn pixart_five_heads_non_square_batch_three() {
             set(c, "cross_attention_dim", 80.into());
             set(c, "num_layers", 3.into());
         },
-        Shapes { batch: 3, height: 12, width: 8, text_len: 5 },
+        Shapes {
+            batch: 3,
+            height: 12,
+            width: 8,
+            text_len: 5,
+        },
     );
 }
 
@@ -148,7 +172,12 @@ fn sd3_three_heads_non_square_batch_three() {
             set(c, "num_layers", 3.into());
             set(c, "dual_attention_layers", serde_json::json!([0, 1]));
         },
-        Shapes { batch: 3, height: 8, width: 12, text_len: 5 },
+        Shapes {
+            batch: 3,
+            height: 8,
+            width: 12,
+            text_len: 5,
+        },
     );
 }
 
@@ -161,11 +190,25 @@ fn flux_three_heads_batch_three_more_blocks() {
             set(c, "num_layers", 2.into());
             set(c, "num_single_layers", 3.into());
         },
-        Shapes { batch: 3, height: 6, width: 10, text_len: 5 },
+        Shapes {
+            batch: 3,
+            height: 6,
+            width: 10,
+            text_len: 5,
+        },
     );
 }
 
 #[test]
 fn vae_batch_three_non_square() {
-    check_batch_equals_samples("vae", |_| {}, Shapes { batch: 3, height: 6, width: 10, text_len: 0 });
+    check_batch_equals_samples(
+        "vae",
+        |_| {},
+        Shapes {
+            batch: 3,
+            height: 6,
+            width: 10,
+            text_len: 0,
+        },
+    );
 }

@@ -50,7 +50,8 @@ pub fn load_program(dir: &Path) -> Result<Program, CodegenError> {
         reason,
     };
     let text = std::fs::read_to_string(&path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let p: Program = serde_json::from_str(&text).map_err(|e| err(format!("not a ditto plan: {e}")))?;
+    let p: Program =
+        serde_json::from_str(&text).map_err(|e| err(format!("not a ditto plan: {e}")))?;
     if p.format_version != program::FORMAT_VERSION {
         return Err(err(format!(
             "plan format {} but this ditto reads format {}",

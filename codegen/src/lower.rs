@@ -41,15 +41,16 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
             continue;
         }
         let shape = g.shape(id).to_vec();
-        let new_value = |values: &mut Vec<Value>, root: &mut Vec<usize>, storage, r: Option<usize>| {
-            values.push(Value {
-                storage,
-                shape: shape.clone(),
-            });
-            let v = values.len() - 1;
-            root.push(r.unwrap_or(v));
-            v
-        };
+        let new_value =
+            |values: &mut Vec<Value>, root: &mut Vec<usize>, storage, r: Option<usize>| {
+                values.push(Value {
+                    storage,
+                    shape: shape.clone(),
+                });
+                let v = values.len() - 1;
+                root.push(r.unwrap_or(v));
+                v
+            };
         let v = |id: Id| -> Result<usize, CodegenError> {
             value_of
                 .get(&id)
@@ -59,13 +60,21 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
         let intermediate = Storage::Buffer(usize::MAX);
         let val = match node {
             Op::Input(ch) => {
-                let dtype = g.tensor(id).map(|t| t.dtype.to_string()).unwrap_or_default();
+                let dtype = g
+                    .tensor(id)
+                    .map(|t| t.dtype.to_string())
+                    .unwrap_or_default();
                 inputs.push(Binding {
                     name: g.node(ch[0]).name(),
                     shape: shape.clone(),
                     dtype,
                 });
-                new_value(&mut values, &mut root, Storage::Input(inputs.len() - 1), None)
+                new_value(
+                    &mut values,
+                    &mut root,
+                    Storage::Input(inputs.len() - 1),
+                    None,
+                )
             }
             Op::Weight(ch) => {
                 weights.push(Binding {
@@ -73,7 +82,12 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
                     shape: shape.clone(),
                     dtype: "f32".into(),
                 });
-                new_value(&mut values, &mut root, Storage::Weight(weights.len() - 1), None)
+                new_value(
+                    &mut values,
+                    &mut root,
+                    Storage::Weight(weights.len() - 1),
+                    None,
+                )
             }
             Op::Reshape(ch) => {
                 let src = v(ch[0])?;
@@ -84,166 +98,177 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
             Op::Outputs(_) | Op::Arg(_) => return Err(bad(id, "unexpected node in a graph")),
             _ => {
                 let out = new_value(&mut values, &mut root, intermediate, None);
-                let step = match node {
-                    Op::Scalar(c) => Step::Fill {
-                        out,
-                        value: float(*c)? as f32,
-                    },
-                    Op::Fused(ch) => {
-                        let name = g.node(ch[0]).name();
-                        let k = match kernel_index.get(&name) {
-                            Some(&k) => k,
-                            None => {
-                                let body = g
-                                    .kernels
-                                    .get(&name)
-                                    .ok_or_else(|| bad(id, "fused kernel body missing"))?;
-                                kernels.push(compile_kernel(&name, ch.len() - 1, body)?);
-                                kernel_index.insert(name, kernels.len() - 1);
-                                kernels.len() - 1
-                            }
-                        };
-                        Step::Fused {
-                            kernel: k,
-                            args: ch[1..].iter().map(|&c| v(c)).collect::<Result<_, _>>()?,
+                let step =
+                    match node {
+                        Op::Scalar(c) => Step::Fill {
                             out,
+                            value: float(*c)? as f32,
+                        },
+                        Op::Fused(ch) => {
+                            let name = g.node(ch[0]).name();
+                            let k = match kernel_index.get(&name) {
+                                Some(&k) => k,
+                                None => {
+                                    let body = g
+                                        .kernels
+                                        .get(&name)
+                                        .ok_or_else(|| bad(id, "fused kernel body missing"))?;
+                                    kernels.push(compile_kernel(&name, ch.len() - 1, body)?);
+                                    kernel_index.insert(name, kernels.len() - 1);
+                                    kernels.len() - 1
+                                }
+                            };
+                            Step::Fused {
+                                kernel: k,
+                                args: ch[1..].iter().map(|&c| v(c)).collect::<Result<_, _>>()?,
+                                out,
+                            }
                         }
-                    }
-                    e if e.is_elementwise() => {
-                        return Err(bad(
+                        e if e.is_elementwise() => return Err(bad(
                             id,
                             "unfused elementwise op: run the fuse_elementwise pass before lowering",
-                        ))
-                    }
-                    Op::Linear([x, w]) | Op::LinearBias([x, w, _]) => {
-                        let ws = g.shape(*w);
-                        let k = ws[1];
-                        Step::Linear {
+                        )),
+                        Op::Linear([x, w]) | Op::LinearBias([x, w, _]) => {
+                            let ws = g.shape(*w);
+                            let k = ws[1];
+                            Step::Linear {
+                                x: v(*x)?,
+                                w: v(*w)?,
+                                b: match node {
+                                    Op::LinearBias([_, _, b]) => Some(v(*b)?),
+                                    _ => None,
+                                },
+                                out,
+                                m: g.tensor(*x).map_or(0, |t| t.numel()) / k.max(1),
+                                k,
+                                n: ws[0],
+                            }
+                        }
+                        Op::Attention([q, k, vv, heads, scale]) => {
+                            let heads = int(*heads)?;
+                            let (qs, ks, vs) = (g.shape(*q), g.shape(*k), g.shape(*vv));
+                            Step::Attention {
+                                q: v(*q)?,
+                                k: v(*k)?,
+                                v: v(*vv)?,
+                                out,
+                                batch: qs[0],
+                                sq: qs[1],
+                                sk: ks[1],
+                                heads,
+                                head_dim: qs[2] / heads,
+                                head_dim_v: vs[2] / heads,
+                                scale: float(*scale)? as f32,
+                            }
+                        }
+                        Op::LayerNorm([x, eps]) | Op::RmsNorm([x, eps]) => {
+                            let cols = *shape.last().unwrap_or(&1);
+                            let rows = shape.iter().product::<usize>() / cols.max(1);
+                            let (x, eps) = (v(*x)?, float(*eps)? as f32);
+                            if matches!(node, Op::LayerNorm(_)) {
+                                Step::LayerNorm {
+                                    x,
+                                    out,
+                                    rows,
+                                    cols,
+                                    eps,
+                                }
+                            } else {
+                                Step::RmsNorm {
+                                    x,
+                                    out,
+                                    rows,
+                                    cols,
+                                    eps,
+                                }
+                            }
+                        }
+                        Op::GroupNorm([x, groups, eps]) => Step::GroupNorm {
+                            x: v(*x)?,
+                            out,
+                            n: shape[0],
+                            c: shape[1],
+                            hw: shape[2..].iter().product(),
+                            groups: int(*groups)?,
+                            eps: float(*eps)? as f32,
+                        },
+                        Op::Softmax(x) => {
+                            let cols = *shape.last().unwrap_or(&1);
+                            Step::Softmax {
+                                x: v(*x)?,
+                                out,
+                                rows: shape.iter().product::<usize>() / cols.max(1),
+                                cols,
+                            }
+                        }
+                        Op::Permute(ch) => Step::Permute {
+                            x: v(ch[0])?,
+                            out,
+                            perm: ch[1..].iter().map(|&p| int(p)).collect::<Result<_, _>>()?,
+                        },
+                        Op::Concat(ch) => Step::Concat {
+                            axis: int(ch[0])?,
+                            inputs: ch[1..].iter().map(|&c| v(c)).collect::<Result<_, _>>()?,
+                            out,
+                        },
+                        Op::Slice([x, axis, start, end]) => Step::Slice {
+                            x: v(*x)?,
+                            axis: int(*axis)?,
+                            start: int(*start)?,
+                            end: int(*end)?,
+                            out,
+                        },
+                        Op::Conv2d([x, w, b, stride, pad]) => Step::Conv2d {
                             x: v(*x)?,
                             w: v(*w)?,
-                            b: match node {
-                                Op::LinearBias([_, _, b]) => Some(v(*b)?),
-                                _ => None,
-                            },
+                            b: v(*b)?,
                             out,
-                            m: g.tensor(*x).map_or(0, |t| t.numel()) / k.max(1),
-                            k,
-                            n: ws[0],
-                        }
-                    }
-                    Op::Attention([q, k, vv, heads, scale]) => {
-                        let heads = int(*heads)?;
-                        let (qs, ks, vs) = (g.shape(*q), g.shape(*k), g.shape(*vv));
-                        Step::Attention {
-                            q: v(*q)?,
-                            k: v(*k)?,
-                            v: v(*vv)?,
-                            out,
-                            batch: qs[0],
-                            sq: qs[1],
-                            sk: ks[1],
-                            heads,
-                            head_dim: qs[2] / heads,
-                            head_dim_v: vs[2] / heads,
-                            scale: float(*scale)? as f32,
-                        }
-                    }
-                    Op::LayerNorm([x, eps]) | Op::RmsNorm([x, eps]) => {
-                        let cols = *shape.last().unwrap_or(&1);
-                        let rows = shape.iter().product::<usize>() / cols.max(1);
-                        let (x, eps) = (v(*x)?, float(*eps)? as f32);
-                        if matches!(node, Op::LayerNorm(_)) {
-                            Step::LayerNorm { x, out, rows, cols, eps }
-                        } else {
-                            Step::RmsNorm { x, out, rows, cols, eps }
-                        }
-                    }
-                    Op::GroupNorm([x, groups, eps]) => Step::GroupNorm {
-                        x: v(*x)?,
-                        out,
-                        n: shape[0],
-                        c: shape[1],
-                        hw: shape[2..].iter().product(),
-                        groups: int(*groups)?,
-                        eps: float(*eps)? as f32,
-                    },
-                    Op::Softmax(x) => {
-                        let cols = *shape.last().unwrap_or(&1);
-                        Step::Softmax {
+                            stride: int(*stride)?,
+                            pad: int(*pad)?,
+                        },
+                        Op::UpsampleNearest([x, f]) => Step::UpsampleNearest {
                             x: v(*x)?,
                             out,
-                            rows: shape.iter().product::<usize>() / cols.max(1),
-                            cols,
+                            factor: int(*f)?,
+                        },
+                        Op::TimestepEmbedding([t, dim, flip, shift, scale]) => {
+                            Step::TimestepEmbedding {
+                                t: v(*t)?,
+                                out,
+                                dim: int(*dim)?,
+                                flip_sin_to_cos: int(*flip)? != 0,
+                                downscale_freq_shift: float(*shift)? as f32,
+                                scale: float(*scale)? as f32,
+                            }
                         }
-                    }
-                    Op::Permute(ch) => Step::Permute {
-                        x: v(ch[0])?,
-                        out,
-                        perm: ch[1..].iter().map(|&p| int(p)).collect::<Result<_, _>>()?,
-                    },
-                    Op::Concat(ch) => Step::Concat {
-                        axis: int(ch[0])?,
-                        inputs: ch[1..].iter().map(|&c| v(c)).collect::<Result<_, _>>()?,
-                        out,
-                    },
-                    Op::Slice([x, axis, start, end]) => Step::Slice {
-                        x: v(*x)?,
-                        axis: int(*axis)?,
-                        start: int(*start)?,
-                        end: int(*end)?,
-                        out,
-                    },
-                    Op::Conv2d([x, w, b, stride, pad]) => Step::Conv2d {
-                        x: v(*x)?,
-                        w: v(*w)?,
-                        b: v(*b)?,
-                        out,
-                        stride: int(*stride)?,
-                        pad: int(*pad)?,
-                    },
-                    Op::UpsampleNearest([x, f]) => Step::UpsampleNearest {
-                        x: v(*x)?,
-                        out,
-                        factor: int(*f)?,
-                    },
-                    Op::TimestepEmbedding([t, dim, flip, shift, scale]) => {
-                        Step::TimestepEmbedding {
-                            t: v(*t)?,
+                        Op::Embedding([table, idx]) => Step::Embedding {
+                            table: v(*table)?,
+                            idx: v(*idx)?,
+                            out,
+                        },
+                        Op::SinCosPosEmbed([dim, gh, gw, base, interp]) => Step::SinCosPosEmbed {
                             out,
                             dim: int(*dim)?,
-                            flip_sin_to_cos: int(*flip)? != 0,
-                            downscale_freq_shift: float(*shift)? as f32,
-                            scale: float(*scale)? as f32,
-                        }
-                    }
-                    Op::Embedding([table, idx]) => Step::Embedding {
-                        table: v(*table)?,
-                        idx: v(*idx)?,
-                        out,
-                    },
-                    Op::SinCosPosEmbed([dim, gh, gw, base, interp]) => Step::SinCosPosEmbed {
-                        out,
-                        dim: int(*dim)?,
-                        grid_h: int(*gh)?,
-                        grid_w: int(*gw)?,
-                        base_size: float(*base)? as f32,
-                        interpolation_scale: float(*interp)? as f32,
-                    },
-                    Op::RopeCos(ch) | Op::RopeSin(ch) => Step::RopeTables {
-                        ids: v(ch[0])?,
-                        theta: float(ch[1])?,
-                        axes_dims: ch[2..].iter().map(|&d| int(d)).collect::<Result<_, _>>()?,
-                        out,
-                        cos: matches!(node, Op::RopeCos(_)),
-                    },
-                    Op::Rope([x, c, s]) => Step::Rope {
-                        x: v(*x)?,
-                        cos: v(*c)?,
-                        sin: v(*s)?,
-                        out,
-                    },
-                    _ => return Err(bad(id, "no lowering for this op")),
-                };
+                            grid_h: int(*gh)?,
+                            grid_w: int(*gw)?,
+                            base_size: float(*base)? as f32,
+                            interpolation_scale: float(*interp)? as f32,
+                        },
+                        Op::RopeCos(ch) | Op::RopeSin(ch) => Step::RopeTables {
+                            ids: v(ch[0])?,
+                            theta: float(ch[1])?,
+                            axes_dims: ch[2..].iter().map(|&d| int(d)).collect::<Result<_, _>>()?,
+                            out,
+                            cos: matches!(node, Op::RopeCos(_)),
+                        },
+                        Op::Rope([x, c, s]) => Step::Rope {
+                            x: v(*x)?,
+                            cos: v(*c)?,
+                            sin: v(*s)?,
+                            out,
+                        },
+                        _ => return Err(bad(id, "no lowering for this op")),
+                    };
                 steps.push(step);
                 out
             }

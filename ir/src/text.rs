@@ -78,11 +78,7 @@ pub fn print(g: &Graph) -> String {
             continue;
         }
         let id = Id::from(i);
-        let mut line = format!(
-            "{} = {}",
-            names[i].as_deref().expect("named"),
-            node
-        );
+        let mut line = format!("{} = {}", names[i].as_deref().expect("named"), node);
         for &c in egg::Language::children(node) {
             line.push(' ');
             line.push_str(names[usize::from(c)].as_deref().expect("named"));

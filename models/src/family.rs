@@ -83,7 +83,11 @@ impl VaeScale for crate::dit::DiTConfig {}
 impl_family!(crate::dit::DiTConfig, "DiTTransformer2DModel", "dit");
 
 impl VaeScale for crate::pixart::PixArtConfig {}
-impl_family!(crate::pixart::PixArtConfig, "PixArtTransformer2DModel", "pixart");
+impl_family!(
+    crate::pixart::PixArtConfig,
+    "PixArtTransformer2DModel",
+    "pixart"
+);
 
 impl VaeScale for crate::sd3::Sd3Config {}
 impl_family!(crate::sd3::Sd3Config, "SD3Transformer2DModel", "sd3");
@@ -109,7 +113,9 @@ pub fn from_config(
             reason: "missing `_class_name`".into(),
         })?;
     let family: Box<dyn ModelFamily> = match class {
-        "AutoencoderKL" => Box::new(parse_config::<crate::vae::AutoencoderKLConfig>(value, path)?),
+        "AutoencoderKL" => Box::new(parse_config::<crate::vae::AutoencoderKLConfig>(
+            value, path,
+        )?),
         "DiTTransformer2DModel" => Box::new(parse_config::<crate::dit::DiTConfig>(value, path)?),
         "PixArtTransformer2DModel" => {
             Box::new(parse_config::<crate::pixart::PixArtConfig>(value, path)?)
