@@ -15,6 +15,10 @@ pub enum Error {
     Codegen(#[from] ditto_codegen::CodegenError),
     #[error(transparent)]
     Runtime(#[from] ditto_runtime::RuntimeError),
+    /// Loading a pipeline or generating with it, so that `?` on a [`crate::Pipeline`]'s
+    /// results works in functions returning `ditto::Error`.
+    #[error(transparent)]
+    Pipeline(#[from] crate::PipelineError),
     #[error("bad input: {0}")]
     Input(String),
     #[error("{path}: {reason}")]

@@ -1,4 +1,5 @@
-//! `Model`: a checkpoint folder, its family and its weights, compiled to Programs on demand.
+//! `Model`: a checkpoint (a folder, or bytes in memory), its family and its weights, compiled
+//! to Programs on demand.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
 
 use crate::Error;
 
-/// A model folder in diffusers' layout (`config.json` + safetensors weights).
+/// A model in diffusers' layout (`config.json` + safetensors weights), usually a folder.
 pub struct Model {
     dir: PathBuf,
     family: Box<dyn ModelFamily>,
@@ -45,9 +46,21 @@ impl Model {
     pub fn load(dir: impl AsRef<Path>) -> Result<Model, Error> {
         let dir = dir.as_ref().to_path_buf();
         let config = ditto_models::read_config(&dir)?;
-        let path = dir.join("config.json").display().to_string();
-        let family = family::from_config(&config, &path)?;
         let checkpoint = Checkpoint::open(&dir)?;
+        Model::from_parts(dir, &config, checkpoint)
+    }
+
+    /// A model from a parsed `config.json` and its weights, wherever they come from (a
+    /// folder, or bytes in memory: [`Checkpoint::from_static_bytes`]). `dir` is the folder
+    /// the model stands for; it only names `config.json` in errors and is what
+    /// [`Model::dir`] returns.
+    pub fn from_parts(
+        dir: PathBuf,
+        config: &serde_json::Value,
+        checkpoint: Checkpoint,
+    ) -> Result<Model, Error> {
+        let path = dir.join("config.json").display().to_string();
+        let family = family::from_config(config, &path)?;
         Ok(Model {
             dir,
             family,

@@ -59,7 +59,10 @@ fn check(dir: &str) -> Vec<(String, f32)> {
 fn assert_parity(dir: &str) {
     let errs = check(dir);
     assert!(errs.iter().any(|(n, _)| n == "output"));
-    let bad: Vec<_> = errs.iter().filter(|(_, e)| e.is_nan() || *e > TOL).collect();
+    let bad: Vec<_> = errs
+        .iter()
+        .filter(|(_, e)| e.is_nan() || *e > TOL)
+        .collect();
     eprintln!("{dir}: {errs:?}");
     assert!(bad.is_empty(), "{dir}: max rel err above {TOL}: {bad:?}");
 }

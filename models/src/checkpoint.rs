@@ -1,4 +1,5 @@
-//! Memory-mapped access to diffusers-format safetensors checkpoints.
+//! Access to diffusers-format safetensors checkpoints: memory-mapped from disk, or bytes
+//! compiled into the binary ([`Checkpoint::from_static_bytes`]).
 //!
 //! Weights stay on disk (mapped, paged in lazily) until a tensor is asked for, so opening a
 //! multi-gigabyte checkpoint only costs parsing its headers. Every tensor is converted to f32
@@ -275,11 +276,27 @@ fn half_to_f32(bytes: &[u8], convert: fn(&[u16], &mut [f32])) -> Vec<f32> {
     out
 }
 
-/// A mapped checkpoint file. The map is never written through, so sharing it across threads
-/// is sound.
-struct MappedFile {
+/// Where a checkpoint file's bytes live. Neither is ever written through, so sharing them
+/// across threads is sound.
+enum Storage {
+    Mapped(Mmap),
+    Static(&'static [u8]),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(map) => map,
+            Storage::Static(bytes) => bytes,
+        }
+    }
+}
+
+/// One safetensors file of a checkpoint; `path` names it in errors (for static bytes, the
+/// label they were given).
+struct CheckpointFile {
     path: PathBuf,
-    map: Mmap,
+    storage: Storage,
 }
 
 struct Entry {
@@ -289,11 +306,12 @@ struct Entry {
     range: Range<usize>,
 }
 
-/// A diffusers checkpoint (one file or a sharded set), memory-mapped and indexed by tensor
-/// name. `Send + Sync`: any number of threads may load tensors concurrently.
+/// A diffusers checkpoint (one file or a sharded set, memory-mapped; or one file's bytes in
+/// memory) indexed by tensor name. `Send + Sync`: any number of threads may load tensors
+/// concurrently.
 pub struct Checkpoint {
     path: PathBuf,
-    files: Vec<MappedFile>,
+    files: Vec<CheckpointFile>,
     tensors: BTreeMap<String, Entry>,
 }
 
@@ -340,7 +358,22 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
-    /// The path given to [`Checkpoint::open`].
+    /// A checkpoint over the bytes of one safetensors file that live for the whole program
+    /// (e.g. `include_bytes!`), parsed and validated as [`Checkpoint::open`] does a file;
+    /// `label` stands for the file's path in [`Checkpoint::path`] and in errors.
+    pub fn from_static_bytes(label: &str, bytes: &'static [u8]) -> Result<Self, CheckpointError> {
+        let path = PathBuf::from(label);
+        let mut checkpoint = Self {
+            path: path.clone(),
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        checkpoint.add_storage(&path, Storage::Static(bytes))?;
+        Ok(checkpoint)
+    }
+
+    /// The path given to [`Checkpoint::open`], or the label given to
+    /// [`Checkpoint::from_static_bytes`].
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -365,7 +398,11 @@ impl Checkpoint {
     /// The tensor's raw little-endian bytes as stored, for callers that keep the disk dtype.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let entry = self.tensors.get(name)?;
-        self.files.get(entry.file)?.map.get(entry.range.clone())
+        self.files
+            .get(entry.file)?
+            .storage
+            .bytes()
+            .get(entry.range.clone())
     }
 
     /// Reads a tensor as f32, checking its shape first so a layout mistake is reported before
@@ -428,7 +465,7 @@ impl Checkpoint {
         let bytes = self
             .files
             .get(entry.file)
-            .and_then(|f| f.map.get(entry.range.clone()))
+            .and_then(|f| f.storage.bytes().get(entry.range.clone()))
             .ok_or_else(|| CheckpointError::Corrupt {
                 path: path.to_path_buf(),
                 reason: format!("tensor `{name}` lies outside the file"),
@@ -449,7 +486,16 @@ impl Checkpoint {
         // show up as changed data or SIGBUS); checkpoints are immutable inputs, and mapping
         // avoids reading gigabytes that may never be used.
         let map = unsafe { Mmap::map(&file) }.map_err(io_error(path, "memory-map"))?;
-        let headers = parse_header(path, &map)?;
+        self.add_storage(path, Storage::Mapped(map))
+    }
+
+    /// Indexes the tensors of one file's bytes; returns the file's slot and the names it holds.
+    fn add_storage(
+        &mut self,
+        path: &Path,
+        storage: Storage,
+    ) -> Result<(usize, Vec<String>), CheckpointError> {
+        let headers = parse_header(path, storage.bytes())?;
         let slot = self.files.len();
         let mut names = Vec::with_capacity(headers.len());
         for h in headers {
@@ -471,9 +517,9 @@ impl Checkpoint {
                 },
             );
         }
-        self.files.push(MappedFile {
+        self.files.push(CheckpointFile {
             path: path.to_path_buf(),
-            map,
+            storage,
         });
         Ok((slot, names))
     }
@@ -629,21 +675,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{err_text, fixture};
     use safetensors::tensor::TensorView;
     use std::collections::HashMap;
-
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
-
-    fn fixture(rel: &str) -> PathBuf {
-        Path::new(FIXTURES).join(rel)
-    }
-
-    fn expect_err<T>(result: Result<T, CheckpointError>) -> String {
-        match result {
-            Ok(_) => panic!("expected an error"),
-            Err(e) => e.to_string(),
-        }
-    }
 
     /// Serializes `(name, dtype, shape, raw bytes)` tensors with the reference writer.
     fn safetensors_bytes(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
@@ -741,6 +775,47 @@ mod tests {
             by_file
                 .load_f32("pos_embed.proj.weight", &shape)
                 .expect("b")
+        );
+    }
+
+    #[test]
+    fn static_bytes_match_the_file() {
+        let path = fixture("dit").join(WEIGHTS_NAME);
+        let bytes: &'static [u8] = fs::read(&path).expect("fixture").leak();
+        let by_file = Checkpoint::open(&path).expect("file");
+        let in_memory = Checkpoint::from_static_bytes("built-in/dit", bytes).expect("bytes");
+        assert_eq!(in_memory.path(), Path::new("built-in/dit"));
+        assert_eq!(in_memory.names(), by_file.names());
+        assert_eq!(in_memory.total_bytes(), by_file.total_bytes());
+        let shape = [64, 4, 2, 2];
+        assert_eq!(
+            in_memory
+                .load_f32("pos_embed.proj.weight", &shape)
+                .expect("a"),
+            by_file
+                .load_f32("pos_embed.proj.weight", &shape)
+                .expect("b")
+        );
+        let msg = err_text(in_memory.load_f32("pos_embed.proj.weight", &[64]));
+        assert!(msg.contains("built-in/dit"), "{msg}");
+
+        let half: &'static [u8] = safetensors_bytes(&[(
+            "h",
+            Dtype::F16,
+            vec![2],
+            [1.5f32, -2.0]
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+        )])
+        .leak();
+        let ckpt = Checkpoint::from_static_bytes("half", half).expect("f16");
+        assert_eq!(ckpt.load_f32("h", &[2]).expect("load"), [1.5, -2.0]);
+
+        let msg = err_text(Checkpoint::from_static_bytes("cut", &bytes[..100]));
+        assert!(
+            msg.contains("cut") && msg.contains("not a valid safetensors file"),
+            "{msg}"
         );
     }
 
@@ -846,7 +921,7 @@ mod tests {
         );
         let ckpt = Checkpoint::open(&path).expect("open");
         assert_eq!(ckpt.dtype("q"), Some(DiskDType::Other(Dtype::F8_E4M3)));
-        let msg = expect_err(ckpt.load_f32("q", &[4]));
+        let msg = err_text(ckpt.load_f32("q", &[4]));
         assert!(msg.contains("`q`") && msg.contains("F8_E4M3"), "{msg}");
         assert!(msg.contains("fp8.safetensors"), "{msg}");
     }
@@ -940,7 +1015,7 @@ mod tests {
                 &safetensors_bytes(&[("w", Dtype::F32, vec![1], f32_bytes(&[4.0]))]),
             );
         }
-        let msg = expect_err(Checkpoint::open(dir.path()));
+        let msg = err_text(Checkpoint::open(dir.path()));
         assert!(msg.contains("one.safetensors, two.safetensors"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
@@ -948,7 +1023,7 @@ mod tests {
     #[test]
     fn missing_tensor_names_it_and_suggests() {
         let ckpt = Checkpoint::open(&fixture("dit")).expect("open");
-        let msg = expect_err(ckpt.load_f32("pos_embed.proj.weigth", &[64, 4, 2, 2]));
+        let msg = err_text(ckpt.load_f32("pos_embed.proj.weigth", &[64, 4, 2, 2]));
         assert!(msg.contains("`pos_embed.proj.weigth` not found"), "{msg}");
         assert!(msg.contains(&fixture("dit").display().to_string()), "{msg}");
         assert!(
@@ -956,7 +1031,7 @@ mod tests {
             "{msg}"
         );
 
-        let msg = expect_err(ckpt.load_f32("transformer.pos_embed.proj.bias", &[64]));
+        let msg = err_text(ckpt.load_f32("transformer.pos_embed.proj.bias", &[64]));
         assert!(
             msg.contains("similar names: `pos_embed.proj.bias`"),
             "{msg}"
@@ -970,14 +1045,14 @@ mod tests {
             other => panic!("expected MissingTensor, got {other:?}"),
         }
 
-        let msg = expect_err(ckpt.load("zzzzzzzzzzzzzzzzzzzzzz"));
+        let msg = err_text(ckpt.load("zzzzzzzzzzzzzzzzzzzzzz"));
         assert!(!msg.contains("similar names"), "{msg}");
     }
 
     #[test]
     fn wrong_shape_names_tensor_and_both_shapes() {
         let ckpt = Checkpoint::open(&fixture("dit")).expect("open");
-        let msg = expect_err(ckpt.load_f32("pos_embed.proj.weight", &[64, 4, 2]));
+        let msg = err_text(ckpt.load_f32("pos_embed.proj.weight", &[64, 4, 2]));
         assert!(msg.contains("`pos_embed.proj.weight`"), "{msg}");
         assert!(
             msg.contains("[64, 4, 2, 2]") && msg.contains("[64, 4, 2]"),
@@ -993,7 +1068,7 @@ mod tests {
         let path = dir.path().join(WEIGHTS_NAME);
         for cut in [bytes.len() / 2, 4000, 7, 0] {
             write(&path, &bytes[..cut]);
-            let msg = expect_err(Checkpoint::open(dir.path()));
+            let msg = err_text(Checkpoint::open(dir.path()));
             assert!(
                 msg.contains(&path.display().to_string()),
                 "cut {cut}: {msg}"
@@ -1084,7 +1159,7 @@ mod tests {
         ];
         for (what, bytes) in cases {
             write(&path, &bytes);
-            let msg = expect_err(Checkpoint::open(&path));
+            let msg = err_text(Checkpoint::open(&path));
             assert!(msg.contains("bad.safetensors"), "{what}: {msg}");
             assert!(
                 msg.contains("not a valid safetensors file"),
@@ -1099,7 +1174,7 @@ mod tests {
         write_sharded(dir.path(), WEIGHTS_INDEX_NAME);
         let gone = "diffusion_pytorch_model-00002-of-00002.safetensors";
         fs::remove_file(dir.path().join(gone)).expect("remove shard");
-        let msg = expect_err(Checkpoint::open(dir.path()));
+        let msg = err_text(Checkpoint::open(dir.path()));
         assert!(
             msg.contains(gone) && msg.contains("does not exist"),
             "{msg}"
@@ -1119,7 +1194,7 @@ mod tests {
             &dir.path().join(WEIGHTS_INDEX_NAME),
             index.to_string().as_bytes(),
         );
-        let msg = expect_err(Checkpoint::open(dir.path()));
+        let msg = err_text(Checkpoint::open(dir.path()));
         assert!(
             msg.contains("`a.weight`") && msg.contains("does not contain it"),
             "{msg}"
@@ -1136,7 +1211,7 @@ mod tests {
             ("empty weight_map", r#"{"weight_map": {}}"#),
         ] {
             write(&index, text.as_bytes());
-            let msg = expect_err(Checkpoint::open(dir.path()));
+            let msg = err_text(Checkpoint::open(dir.path()));
             assert!(msg.contains("invalid shard index"), "{what}: {msg}");
             assert!(msg.contains(WEIGHTS_INDEX_NAME), "{what}: {msg}");
         }
@@ -1157,7 +1232,7 @@ mod tests {
             &dir.path().join(WEIGHTS_INDEX_NAME),
             index.to_string().as_bytes(),
         );
-        let msg = expect_err(Checkpoint::open(dir.path()));
+        let msg = err_text(Checkpoint::open(dir.path()));
         assert!(msg.contains("`w` is stored twice"), "{msg}");
         assert!(
             msg.contains("s1.safetensors") && msg.contains("s2.safetensors"),
@@ -1168,13 +1243,13 @@ mod tests {
     #[test]
     fn empty_folder_and_missing_path() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let msg = expect_err(Checkpoint::open(dir.path()));
+        let msg = err_text(Checkpoint::open(dir.path()));
         assert!(msg.contains("no checkpoint found at"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
         assert!(msg.contains(WEIGHTS_NAME), "{msg}");
 
         let missing = dir.path().join("nowhere");
-        let msg = expect_err(Checkpoint::open(&missing));
+        let msg = err_text(Checkpoint::open(&missing));
         assert!(msg.contains("nowhere"), "{msg}");
     }
 

@@ -1,17 +1,18 @@
 //! `DiTTransformer2DModel` (diffusers `models/transformers/dit_transformer_2d.py`): the
 //! class-conditional DiT of Peebles & Xie. Blocks are diffusers' `BasicTransformerBlock` with
 //! `norm_type="ada_norm_zero"`; every block owns its own timestep + class embedder
-//! (`norm1.emb`), and the final layer is conditioned on block 0's embedder.
-//!
-//! The `pub(crate)` helpers at the bottom mirror pieces of `BasicTransformerBlock` that
-//! PixArt (`pixart.rs`) uses too.
+//! (`norm1.emb`), and the final layer is conditioned on block 0's embedder. The pieces of
+//! `BasicTransformerBlock` and the config checks it shares with PixArt are in `layers.rs`.
 
 use std::collections::BTreeMap;
 
 use ditto_ir::{DType, Graph, Id};
 use serde::Deserialize;
 
-use crate::layers::{self, R};
+use crate::layers::{
+    self, attention, batch_vector, check_dims, check_eps, check_known_inputs, check_shapes,
+    config_error, feed_forward, image_tokens, latent_input, layer_norm, positive, Activation, R,
+};
 use crate::{BuildOptions, ModelError, Shapes, Summary};
 
 const CLASS: &str = "DiTTransformer2DModel";
@@ -319,376 +320,22 @@ impl DiTConfig {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Pieces of diffusers' `BasicTransformerBlock`, shared with `pixart.rs`.
-
-/// The `FeedForward` activations we implement (diffusers' `activation_fn`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// "gelu-approximate": `GELU(approximate="tanh")`.
-    GeluTanh,
-    /// "gelu": exact erf GELU.
-    Gelu,
-}
-
-impl Activation {
-    pub(crate) fn parse(class: &str, s: &str) -> Result<Self, ModelError> {
-        match s {
-            "gelu-approximate" => Ok(Self::GeluTanh),
-            "gelu" => Ok(Self::Gelu),
-            other => Err(config_error(
-                class,
-                "activation_fn",
-                format!("`{other}` is not supported (expected \"gelu-approximate\" or \"gelu\")"),
-            )),
-        }
-    }
-}
-
-/// diffusers `FeedForward(dim, mult=4, activation_fn)`: net.0.proj -> act -> net.2.
-pub(crate) fn feed_forward(g: &mut Graph, x: Id, prefix: &str, dim: usize, act: Activation) -> R {
-    let inner = 4 * dim;
-    match act {
-        Activation::GeluTanh => layers::feed_forward_gelu_tanh(g, x, prefix, dim, inner),
-        Activation::Gelu => {
-            let h = layers::linear(g, x, &format!("{prefix}.net.0.proj"), dim, inner, true)?;
-            let h = g.gelu(h)?;
-            layers::linear(g, h, &format!("{prefix}.net.2"), inner, dim, true)
-        }
-    }
-}
-
-/// diffusers `Attention` with the default processor: to_q on `x`, to_k/to_v on `ctx`,
-/// softmax(q kᵀ / sqrt(head_dim)) v over `heads` heads, then to_out.0 (always biased:
-/// `attention_out_bias` defaults to True in `BasicTransformerBlock`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention(
-    g: &mut Graph,
-    x: Id,
-    ctx: Id,
-    prefix: &str,
-    dim: usize,
-    ctx_dim: usize,
-    heads: usize,
-    head_dim: usize,
-    bias: bool,
-) -> R {
-    let inner = heads * head_dim;
-    let q = layers::linear(g, x, &format!("{prefix}.to_q"), dim, inner, bias)?;
-    let k = layers::linear(g, ctx, &format!("{prefix}.to_k"), ctx_dim, inner, bias)?;
-    let v = layers::linear(g, ctx, &format!("{prefix}.to_v"), ctx_dim, inner, bias)?;
-    let o = g.attention(q, k, v, heads, 1.0 / (head_dim as f64).sqrt())?;
-    layers::linear(g, o, &format!("{prefix}.to_out.0"), inner, dim, true)
-}
-
-/// `nn.LayerNorm(dim, eps, elementwise_affine)` at `prefix` (weight and bias when affine).
-pub(crate) fn layer_norm(
-    g: &mut Graph,
-    x: Id,
-    prefix: &str,
-    dim: usize,
-    eps: f64,
-    affine: bool,
-) -> R {
-    let n = g.layer_norm(x, eps)?;
-    if !affine {
-        return Ok(n);
-    }
-    let w = g.weight(&format!("{prefix}.weight"), &[dim])?;
-    let b = g.weight(&format!("{prefix}.bias"), &[dim])?;
-    let n = g.mul(n, w)?;
-    Ok(g.add_(n, b)?)
-}
-
-pub(crate) fn config_error(class: &str, field: &str, reason: String) -> ModelError {
-    ModelError::Config {
-        path: format!("config.json ({class})"),
-        reason: format!("`{field}` {reason}"),
-    }
-}
-
-pub(crate) fn positive(class: &str, field: &str, v: usize) -> Result<(), ModelError> {
-    if v == 0 {
-        return Err(config_error(class, field, "must be positive, got 0".into()));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_eps(class: &str, field: &str, eps: f64) -> Result<(), ModelError> {
-    if !eps.is_finite() || eps < 0.0 {
-        return Err(config_error(
-            class,
-            field,
-            format!("must be a finite non-negative number, got {eps}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks shared by the patch-embedded transformers: the sin-cos table needs a width that is
-/// a multiple of 4, and `base_size = sample_size // patch_size` must be positive.
-pub(crate) fn check_dims(
-    class: &str,
-    heads: usize,
-    head_dim: usize,
-    sample_size: usize,
-    patch: usize,
-) -> Result<(), ModelError> {
-    let d = heads.checked_mul(head_dim).ok_or_else(|| {
-        config_error(
-            class,
-            "num_attention_heads",
-            format!("* attention_head_dim overflows ({heads} * {head_dim})"),
-        )
-    })?;
-    if d % 4 != 0 {
-        return Err(config_error(
-            class,
-            "num_attention_heads",
-            format!(
-                "* attention_head_dim = {heads} * {head_dim} = {d} must be a multiple of 4 for the 2-D sin-cos position embedding"
-            ),
-        ));
-    }
-    if sample_size % patch != 0 {
-        return Err(config_error(
-            class,
-            "sample_size",
-            format!("{sample_size} is not a multiple of patch_size {patch}"),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_shapes(shapes: &Shapes, p: usize, text: bool) -> Result<(), ModelError> {
-    if shapes.batch == 0 {
-        return Err(ModelError::Input("batch must be positive, got 0".into()));
-    }
-    if shapes.height == 0 || shapes.width == 0 || shapes.height % p != 0 || shapes.width % p != 0 {
-        return Err(ModelError::Input(format!(
-            "latent height and width must be positive multiples of patch_size {p}, got {}x{}",
-            shapes.height, shapes.width
-        )));
-    }
-    if text && shapes.text_len == 0 {
-        return Err(ModelError::Input(
-            "text length must be positive, got 0".into(),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn image_tokens(shapes: &Shapes, p: usize) -> usize {
-    if p == 0 {
-        return 0;
-    }
-    (shapes.height / p) * (shapes.width / p)
-}
-
-pub(crate) fn check_known_inputs(
-    inputs: &BTreeMap<String, Vec<usize>>,
-    known: &[&str],
-) -> Result<(), ModelError> {
-    for name in inputs.keys() {
-        if !known.contains(&name.as_str()) {
-            return Err(ModelError::Input(format!(
-                "unexpected input `{name}` (this model takes {})",
-                known.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn get_input<'a>(
-    inputs: &'a BTreeMap<String, Vec<usize>>,
-    name: &str,
-) -> Result<&'a [usize], ModelError> {
-    inputs
-        .get(name)
-        .map(Vec::as_slice)
-        .ok_or_else(|| ModelError::Input(format!("missing input `{name}`")))
-}
-
-/// `hidden_states` [B, C, H, W] -> (B, H, W), checked against the config.
-pub(crate) fn latent_input(
-    inputs: &BTreeMap<String, Vec<usize>>,
-    in_channels: usize,
-    p: usize,
-) -> Result<(usize, usize, usize), ModelError> {
-    let s = get_input(inputs, "hidden_states")?;
-    let ok = s.len() == 4
-        && s[0] > 0
-        && s[1] == in_channels
-        && s[2] > 0
-        && s[3] > 0
-        && s[2] % p == 0
-        && s[3] % p == 0;
-    if !ok {
-        return Err(ModelError::Input(format!(
-            "`hidden_states` has shape {s:?}; expected [B, {in_channels}, H, W] with B > 0 and H, W positive multiples of patch_size {p}"
-        )));
-    }
-    Ok((s[0], s[2], s[3]))
-}
-
-/// A per-sample vector input such as `timestep` or `class_labels`: exactly [batch].
-pub(crate) fn batch_vector(
-    inputs: &BTreeMap<String, Vec<usize>>,
-    name: &str,
-    batch: usize,
-) -> Result<(), ModelError> {
-    let s = get_input(inputs, name)?;
-    if s != [batch] {
-        return Err(ModelError::Input(format!(
-            "`{name}` has shape {s:?}; expected [{batch}] (one value per sample of hidden_states)"
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::checkpoint::Checkpoint;
-    use ditto_ir::Op;
-    use std::collections::BTreeSet;
-    use std::path::{Path, PathBuf};
-
-    pub(crate) fn fixture(family: &str) -> PathBuf {
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(family)
-    }
-
-    pub(crate) fn fixture_config(family: &str) -> serde_json::Value {
-        crate::read_config(&fixture(family)).expect("fixture config")
-    }
-
-    /// Input shapes recorded in the fixture's io.safetensors (`input.<name>`).
-    pub(crate) fn fixture_inputs(family: &str) -> BTreeMap<String, Vec<usize>> {
-        let io = Checkpoint::open(&fixture(family).join("io.safetensors")).expect("io");
-        io.names()
-            .into_iter()
-            .filter_map(|n| {
-                let arg = n.strip_prefix("input.")?;
-                Some((arg.to_string(), io.shape(n)?.to_vec()))
-            })
-            .collect()
-    }
-
-    /// Every `weight` node as (name, dims).
-    pub(crate) fn weights(g: &Graph) -> BTreeMap<String, Vec<usize>> {
-        let mut out = BTreeMap::new();
-        for op in g.nodes() {
-            if let Op::Weight(ch) = op {
-                let name = g.name_attr(ch[0]).expect("weight name").to_string();
-                let dims = ch[1..]
-                    .iter()
-                    .map(|&c| g.int_attr(c).expect("dim") as usize)
-                    .collect();
-                out.insert(name, dims);
-            }
-        }
-        out
-    }
-
-    pub(crate) fn output_shape(g: &Graph, name: &str) -> Vec<usize> {
-        let id = g
-            .outputs
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no output {name}"))
-            .1;
-        g.shape(id).to_vec()
-    }
-
-    /// Checks a graph built for the fixture against the checkpoint and io files.
-    pub(crate) fn check_against_fixture(g: &Graph, family: &str, ignored: &[&str]) {
-        let dir = fixture(family);
-        let ck = Checkpoint::open(&dir).expect("checkpoint");
-        let used = weights(g);
-        for (name, dims) in &used {
-            let shape = ck
-                .shape(name)
-                .unwrap_or_else(|| panic!("graph weight {name} is not in the checkpoint"));
-            assert_eq!(shape, dims.as_slice(), "shape of {name}");
-        }
-        for name in ck.names() {
-            assert!(
-                used.contains_key(name) || ignored.contains(&name),
-                "checkpoint tensor {name} is unused by the graph"
-            );
-        }
-
-        let io_json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).expect("io.json"))
-                .expect("io.json parses");
-        let want: Vec<usize> =
-            serde_json::from_value(io_json["output"]["shape"].clone()).expect("output shape");
-        assert_eq!(output_shape(g, "sample"), want);
-
-        let io = Checkpoint::open(&dir.join("io.safetensors")).expect("io");
-        let blocks: BTreeSet<&str> = io
-            .names()
-            .into_iter()
-            .filter(|n| n.starts_with("block."))
-            .collect();
-        assert!(!blocks.is_empty());
-        for &name in &blocks {
-            assert_eq!(
-                output_shape(g, name),
-                io.shape(name).expect("shape"),
-                "{name}"
-            );
-        }
-        // Exactly the fixture's block outputs plus the sample, each once.
-        let mut outs: Vec<&str> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
-        outs.sort_unstable();
-        let mut want_outs: Vec<&str> = blocks.into_iter().chain(["sample"]).collect();
-        want_outs.sort_unstable();
-        assert_eq!(outs, want_outs);
-    }
-
-    /// The input nodes as (name, dtype, dims).
-    pub(crate) fn inputs_of(g: &Graph) -> BTreeMap<String, (String, Vec<usize>)> {
-        let mut out = BTreeMap::new();
-        for op in g.nodes() {
-            if let Op::Input(ch) = op {
-                let name = g.name_attr(ch[0]).expect("name").to_string();
-                let dt = g.name_attr(ch[1]).expect("dtype").to_string();
-                let dims = ch[2..]
-                    .iter()
-                    .map(|&c| g.int_attr(c).expect("dim") as usize)
-                    .collect();
-                out.insert(name, (dt, dims));
-            }
-        }
-        out
-    }
+    use crate::test_support::{
+        build_all, check_fixture, err_text, fixture_config, fixture_inputs, inputs_of,
+        output_shape, weights, with_block_outputs, with_input, without_input,
+    };
 
     fn config() -> DiTConfig {
-        crate::parse_config(&fixture_config("dit"), "dit/config.json").expect("parse")
-    }
-
-    fn opts() -> BuildOptions {
-        BuildOptions {
-            block_outputs: true,
-        }
-    }
-
-    fn err_text<T: std::fmt::Debug>(r: Result<T, ModelError>) -> String {
-        match r {
-            Ok(v) => panic!("expected an error, got {v:?}"),
-            Err(e) => e.to_string(),
-        }
+        fixture_config("dit")
     }
 
     #[test]
     fn fixture_graph_matches_checkpoint() {
-        let cfg = config();
-        cfg.validate().expect("valid");
-        let shapes = cfg
-            .shapes_from_inputs(&fixture_inputs("dit"))
-            .expect("shapes");
+        config().validate().expect("valid");
+        let (shapes, g) = check_fixture::<DiTConfig>("dit");
         assert_eq!(
             shapes,
             Shapes {
@@ -698,15 +345,13 @@ pub(crate) mod tests {
                 text_len: 0
             }
         );
-        let g = cfg.build(&shapes, &opts()).expect("build");
-        check_against_fixture(&g, "dit", &[]);
         let ins = inputs_of(&g);
         assert_eq!(ins["hidden_states"], ("f32".into(), vec![2, 4, 16, 16]));
         assert_eq!(ins["timestep"], ("f32".into(), vec![2]));
         assert_eq!(ins["class_labels"], ("i64".into(), vec![2]));
         assert_eq!(ins.len(), 3);
         // Learned sigma: all 2 * in_channels come out of the model.
-        assert_eq!(cfg.out_channels(), 8);
+        assert_eq!(config().out_channels(), 8);
     }
 
     #[test]
@@ -736,7 +381,7 @@ pub(crate) mod tests {
                 width: w,
                 text_len: 0,
             };
-            let g = cfg.build(&shapes, &opts()).expect("build");
+            let g = build_all(&cfg, shapes);
             let d = heads * 16;
             assert_eq!(output_shape(&g, "sample"), vec![batch, 8, h, w]);
             let tokens = (h / 2) * (w / 2);
@@ -769,7 +414,7 @@ pub(crate) mod tests {
         let mut cfg = config();
         cfg.out_channels = None;
         cfg.norm_elementwise_affine = true;
-        let g = cfg.build(&cfg.default_shapes(), &opts()).expect("build");
+        let g = build_all(&cfg, cfg.default_shapes());
         assert_eq!(output_shape(&g, "sample"), vec![2, 4, 16, 16]);
         let ws = weights(&g);
         assert_eq!(ws["transformer_blocks.1.norm3.weight"], vec![64]);
@@ -831,7 +476,7 @@ pub(crate) mod tests {
             edit(&mut cfg);
             let e = err_text(cfg.validate());
             assert!(e.contains(want), "{e} should mention {want}");
-            let e = err_text(cfg.build(&config().default_shapes(), &opts()));
+            let e = err_text(cfg.build(&config().default_shapes(), &with_block_outputs()));
             assert!(e.contains(want), "{e} should mention {want}");
         }
         let bad = serde_json::json!({"patch_size": -1});
@@ -842,16 +487,8 @@ pub(crate) mod tests {
     fn bad_inputs() {
         let cfg = config();
         let good = fixture_inputs("dit");
-        let with = |name: &str, shape: Vec<usize>| {
-            let mut m = good.clone();
-            m.insert(name.to_string(), shape);
-            m
-        };
-        let without = |name: &str| {
-            let mut m = good.clone();
-            m.remove(name);
-            m
-        };
+        let with = |name, shape| with_input(&good, name, shape);
+        let without = |name| without_input(&good, name);
         for (inputs, want) in [
             (with("hidden_states", vec![2, 3, 16, 16]), "hidden_states"),
             (with("hidden_states", vec![2, 4, 15, 16]), "hidden_states"),
@@ -890,7 +527,7 @@ pub(crate) mod tests {
                 text_len: 0,
             },
         ] {
-            let e = err_text(cfg.build(&shapes, &opts()));
+            let e = err_text(cfg.build(&shapes, &with_block_outputs()));
             assert!(e.contains("bad input"), "{e}");
         }
     }

@@ -502,28 +502,20 @@ fn single_block(g: &mut Graph, s: Id, temb: Id, prefix: &str, dims: Dims, rope: 
 mod tests {
     use std::collections::BTreeMap;
 
-    use ditto_ir::{Graph, Op};
+    use ditto_ir::Op;
 
     use super::*;
-    use crate::checkpoint::Checkpoint;
-    use crate::sd3::tests::{check_fixture, fixture, io_inputs, output_shape, weights};
+    use crate::test_support::{
+        build_all, check_fixture, fixture_config, fixture_inputs, output_shape, reachable_weights,
+        with_input, without_input,
+    };
 
     fn parse(v: &serde_json::Value) -> FluxConfig {
         crate::parse_config(v, "config.json").expect("parses")
     }
 
-    fn fixture_config() -> FluxConfig {
-        parse(&crate::read_config(&fixture("flux")).expect("config"))
-    }
-
-    fn build_all(cfg: &FluxConfig, s: Shapes) -> Graph {
-        cfg.build(
-            &s,
-            &BuildOptions {
-                block_outputs: true,
-            },
-        )
-        .expect("builds")
+    fn config() -> FluxConfig {
+        fixture_config("flux")
     }
 
     fn inputs(cfg: &FluxConfig, b: usize, s: usize, t: usize) -> BTreeMap<String, Vec<usize>> {
@@ -551,23 +543,14 @@ mod tests {
     #[test]
     fn fixtures_match_checkpoint_and_io() {
         for rel in ["flux", "flux-pipeline/transformer"] {
-            check_fixture(
-                &fixture(rel),
-                parse,
-                |cfg, inputs| {
-                    let s = cfg.shapes_from_inputs(inputs).expect("shapes");
-                    build_all(cfg, s)
-                },
-                &[],
-            );
+            check_fixture::<FluxConfig>(rel);
         }
     }
 
     #[test]
     fn fixture_shapes_and_defaults() {
-        let cfg = fixture_config();
-        let io = Checkpoint::open(&fixture("flux/io.safetensors")).unwrap();
-        let s = cfg.shapes_from_inputs(&io_inputs(&io)).unwrap();
+        let cfg = config();
+        let s = cfg.shapes_from_inputs(&fixture_inputs("flux")).unwrap();
         assert_eq!(
             s,
             Shapes {
@@ -596,7 +579,7 @@ mod tests {
     /// Scaling by 1000, text-first ids and the shared RoPE tables.
     #[test]
     fn time_scale_and_rope_order() {
-        let cfg = fixture_config();
+        let cfg = config();
         let g = build_all(
             &cfg,
             cfg.shapes_from_inputs(&inputs(&cfg, 1, 64, 7)).unwrap(),
@@ -637,7 +620,7 @@ mod tests {
 
     #[test]
     fn shapes_follow_config_and_inputs() {
-        let base = fixture_config();
+        let base = config();
         for heads in [3, 5] {
             for guidance_embeds in [false, true] {
                 let cfg = FluxConfig {
@@ -668,7 +651,7 @@ mod tests {
                         );
                     }
                 }
-                let w = weights(&g);
+                let w = reachable_weights(&g);
                 assert_eq!(
                     w.contains_key("time_text_embed.guidance_embedder.linear_1.weight"),
                     guidance_embeds
@@ -703,7 +686,7 @@ mod tests {
 
     #[test]
     fn bad_configs_are_named() {
-        let base = fixture_config();
+        let base = config();
         let cases: Vec<(FluxConfig, &str)> = vec![
             (
                 FluxConfig {
@@ -767,19 +750,11 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_named() {
-        let cfg = fixture_config();
+        let cfg = config();
         let ok = inputs(&cfg, 1, 64, 7);
         cfg.shapes_from_inputs(&ok).unwrap();
-        let with = |name: &str, shape: Vec<usize>| {
-            let mut m = ok.clone();
-            m.insert(name.to_string(), shape);
-            m
-        };
-        let without = |name: &str| {
-            let mut m = ok.clone();
-            m.remove(name);
-            m
-        };
+        let with = |name, shape| with_input(&ok, name, shape);
+        let without = |name| without_input(&ok, name);
         let cases = vec![
             (with("hidden_states", vec![1, 4, 8, 8]), "hidden_states"),
             (with("hidden_states", vec![1, 64, 4]), "hidden_states"),

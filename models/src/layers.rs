@@ -1,9 +1,12 @@
 //! Building blocks shared by the model families, named after the diffusers modules they
 //! mirror. Each takes the weight-name prefix the diffusers module has in the checkpoint.
+//! At the bottom, the config and input checks DiT and PixArt share.
+
+use std::collections::BTreeMap;
 
 use ditto_ir::{Graph, Id};
 
-use crate::ModelError;
+use crate::{ModelError, Shapes};
 
 pub type R<T = Id> = Result<T, ModelError>;
 
@@ -201,4 +204,235 @@ pub fn combined_timestep_text_proj(
         dim,
     )?;
     Ok(g.add_(emb, text)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces of diffusers' `BasicTransformerBlock` (DiT, PixArt).
+
+/// The `FeedForward` activations we implement (diffusers' `activation_fn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// "gelu-approximate": `GELU(approximate="tanh")`.
+    GeluTanh,
+    /// "gelu": exact erf GELU.
+    Gelu,
+}
+
+impl Activation {
+    pub(crate) fn parse(class: &str, s: &str) -> Result<Self, ModelError> {
+        match s {
+            "gelu-approximate" => Ok(Self::GeluTanh),
+            "gelu" => Ok(Self::Gelu),
+            other => Err(config_error(
+                class,
+                "activation_fn",
+                format!("`{other}` is not supported (expected \"gelu-approximate\" or \"gelu\")"),
+            )),
+        }
+    }
+}
+
+/// diffusers `FeedForward(dim, mult=4, activation_fn)`: net.0.proj -> act -> net.2.
+pub(crate) fn feed_forward(g: &mut Graph, x: Id, prefix: &str, dim: usize, act: Activation) -> R {
+    let inner = 4 * dim;
+    match act {
+        Activation::GeluTanh => feed_forward_gelu_tanh(g, x, prefix, dim, inner),
+        Activation::Gelu => {
+            let h = linear(g, x, &format!("{prefix}.net.0.proj"), dim, inner, true)?;
+            let h = g.gelu(h)?;
+            linear(g, h, &format!("{prefix}.net.2"), inner, dim, true)
+        }
+    }
+}
+
+/// diffusers `Attention` with the default processor: to_q on `x`, to_k/to_v on `ctx`,
+/// softmax(q kᵀ / sqrt(head_dim)) v over `heads` heads, then to_out.0 (always biased:
+/// `attention_out_bias` defaults to True in `BasicTransformerBlock`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    g: &mut Graph,
+    x: Id,
+    ctx: Id,
+    prefix: &str,
+    dim: usize,
+    ctx_dim: usize,
+    heads: usize,
+    head_dim: usize,
+    bias: bool,
+) -> R {
+    let inner = heads * head_dim;
+    let q = linear(g, x, &format!("{prefix}.to_q"), dim, inner, bias)?;
+    let k = linear(g, ctx, &format!("{prefix}.to_k"), ctx_dim, inner, bias)?;
+    let v = linear(g, ctx, &format!("{prefix}.to_v"), ctx_dim, inner, bias)?;
+    let o = g.attention(q, k, v, heads, 1.0 / (head_dim as f64).sqrt())?;
+    linear(g, o, &format!("{prefix}.to_out.0"), inner, dim, true)
+}
+
+/// `nn.LayerNorm(dim, eps, elementwise_affine)` at `prefix` (weight and bias when affine).
+pub(crate) fn layer_norm(
+    g: &mut Graph,
+    x: Id,
+    prefix: &str,
+    dim: usize,
+    eps: f64,
+    affine: bool,
+) -> R {
+    let n = g.layer_norm(x, eps)?;
+    if !affine {
+        return Ok(n);
+    }
+    let w = g.weight(&format!("{prefix}.weight"), &[dim])?;
+    let b = g.weight(&format!("{prefix}.bias"), &[dim])?;
+    let n = g.mul(n, w)?;
+    Ok(g.add_(n, b)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config and input checks of the `BasicTransformerBlock` models (DiT, PixArt).
+
+pub(crate) fn config_error(class: &str, field: &str, reason: String) -> ModelError {
+    ModelError::Config {
+        path: format!("config.json ({class})"),
+        reason: format!("`{field}` {reason}"),
+    }
+}
+
+pub(crate) fn positive(class: &str, field: &str, v: usize) -> Result<(), ModelError> {
+    if v == 0 {
+        return Err(config_error(class, field, "must be positive, got 0".into()));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_eps(class: &str, field: &str, eps: f64) -> Result<(), ModelError> {
+    if !eps.is_finite() || eps < 0.0 {
+        return Err(config_error(
+            class,
+            field,
+            format!("must be a finite non-negative number, got {eps}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks shared by the patch-embedded transformers: the sin-cos table needs a width that is
+/// a multiple of 4, and `base_size = sample_size // patch_size` must be positive.
+pub(crate) fn check_dims(
+    class: &str,
+    heads: usize,
+    head_dim: usize,
+    sample_size: usize,
+    patch: usize,
+) -> Result<(), ModelError> {
+    let d = heads.checked_mul(head_dim).ok_or_else(|| {
+        config_error(
+            class,
+            "num_attention_heads",
+            format!("* attention_head_dim overflows ({heads} * {head_dim})"),
+        )
+    })?;
+    if d % 4 != 0 {
+        return Err(config_error(
+            class,
+            "num_attention_heads",
+            format!(
+                "* attention_head_dim = {heads} * {head_dim} = {d} must be a multiple of 4 for the 2-D sin-cos position embedding"
+            ),
+        ));
+    }
+    if sample_size % patch != 0 {
+        return Err(config_error(
+            class,
+            "sample_size",
+            format!("{sample_size} is not a multiple of patch_size {patch}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_shapes(shapes: &Shapes, p: usize, text: bool) -> Result<(), ModelError> {
+    if shapes.batch == 0 {
+        return Err(ModelError::Input("batch must be positive, got 0".into()));
+    }
+    if shapes.height == 0 || shapes.width == 0 || shapes.height % p != 0 || shapes.width % p != 0 {
+        return Err(ModelError::Input(format!(
+            "latent height and width must be positive multiples of patch_size {p}, got {}x{}",
+            shapes.height, shapes.width
+        )));
+    }
+    if text && shapes.text_len == 0 {
+        return Err(ModelError::Input(
+            "text length must be positive, got 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn image_tokens(shapes: &Shapes, p: usize) -> usize {
+    if p == 0 {
+        return 0;
+    }
+    (shapes.height / p) * (shapes.width / p)
+}
+
+pub(crate) fn check_known_inputs(
+    inputs: &BTreeMap<String, Vec<usize>>,
+    known: &[&str],
+) -> Result<(), ModelError> {
+    for name in inputs.keys() {
+        if !known.contains(&name.as_str()) {
+            return Err(ModelError::Input(format!(
+                "unexpected input `{name}` (this model takes {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn get_input<'a>(
+    inputs: &'a BTreeMap<String, Vec<usize>>,
+    name: &str,
+) -> Result<&'a [usize], ModelError> {
+    inputs
+        .get(name)
+        .map(Vec::as_slice)
+        .ok_or_else(|| ModelError::Input(format!("missing input `{name}`")))
+}
+
+/// `hidden_states` [B, C, H, W] -> (B, H, W), checked against the config.
+pub(crate) fn latent_input(
+    inputs: &BTreeMap<String, Vec<usize>>,
+    in_channels: usize,
+    p: usize,
+) -> Result<(usize, usize, usize), ModelError> {
+    let s = get_input(inputs, "hidden_states")?;
+    let ok = s.len() == 4
+        && s[0] > 0
+        && s[1] == in_channels
+        && s[2] > 0
+        && s[3] > 0
+        && s[2] % p == 0
+        && s[3] % p == 0;
+    if !ok {
+        return Err(ModelError::Input(format!(
+            "`hidden_states` has shape {s:?}; expected [B, {in_channels}, H, W] with B > 0 and H, W positive multiples of patch_size {p}"
+        )));
+    }
+    Ok((s[0], s[2], s[3]))
+}
+
+/// A per-sample vector input such as `timestep` or `class_labels`: exactly [batch].
+pub(crate) fn batch_vector(
+    inputs: &BTreeMap<String, Vec<usize>>,
+    name: &str,
+    batch: usize,
+) -> Result<(), ModelError> {
+    let s = get_input(inputs, name)?;
+    if s != [batch] {
+        return Err(ModelError::Input(format!(
+            "`{name}` has shape {s:?}; expected [{batch}] (one value per sample of hidden_states)"
+        )));
+    }
+    Ok(())
 }

@@ -11,6 +11,8 @@ pub mod layers;
 pub mod pixart;
 pub mod sd3;
 pub mod tensor_file;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod vae;
 
 use std::path::Path;

@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use ditto_ir::{DType, Graph, Id};
 use serde::Deserialize;
 
-use crate::dit::{
-    attention, batch_vector, check_dims, check_eps, check_known_inputs, check_shapes, config_error,
-    feed_forward, get_input, image_tokens, latent_input, layer_norm, positive, Activation,
+use crate::layers::{
+    self, attention, batch_vector, check_dims, check_eps, check_known_inputs, check_shapes,
+    config_error, feed_forward, get_input, image_tokens, latent_input, layer_norm, positive,
+    Activation, R,
 };
-use crate::layers::{self, R};
 use crate::{BuildOptions, ModelError, Shapes, Summary};
 
 const CLASS: &str = "PixArtTransformer2DModel";
@@ -458,34 +458,19 @@ impl PixArtConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dit::tests::{
-        check_against_fixture, fixture_config, fixture_inputs, inputs_of, output_shape, weights,
+    use crate::test_support::{
+        build_all, check_fixture, err_text, fixture_config, fixture_inputs, inputs_of,
+        output_shape, weights, with_block_outputs, with_input, without_input,
     };
 
     fn config() -> PixArtConfig {
-        crate::parse_config(&fixture_config("pixart"), "pixart/config.json").expect("parse")
-    }
-
-    fn opts() -> BuildOptions {
-        BuildOptions {
-            block_outputs: true,
-        }
-    }
-
-    fn err_text<T: std::fmt::Debug>(r: Result<T, ModelError>) -> String {
-        match r {
-            Ok(v) => panic!("expected an error, got {v:?}"),
-            Err(e) => e.to_string(),
-        }
+        fixture_config("pixart")
     }
 
     #[test]
     fn fixture_graph_matches_checkpoint() {
-        let cfg = config();
-        cfg.validate().expect("valid");
-        let shapes = cfg
-            .shapes_from_inputs(&fixture_inputs("pixart"))
-            .expect("shapes");
+        config().validate().expect("valid");
+        let (shapes, g) = check_fixture::<PixArtConfig>("pixart");
         assert_eq!(
             shapes,
             Shapes {
@@ -495,8 +480,6 @@ mod tests {
                 text_len: 7
             }
         );
-        let g = cfg.build(&shapes, &opts()).expect("build");
-        check_against_fixture(&g, "pixart", &[]);
         let ins = inputs_of(&g);
         assert_eq!(ins["hidden_states"], ("f32".into(), vec![2, 4, 16, 16]));
         assert_eq!(ins["encoder_hidden_states"], ("f32".into(), vec![2, 7, 32]));
@@ -523,7 +506,7 @@ mod tests {
                 width: w,
                 text_len: text,
             };
-            let g = cfg.build(&shapes, &opts()).expect("build");
+            let g = build_all(&cfg, shapes);
             assert_eq!(output_shape(&g, "sample"), vec![batch, 8, h, w]);
             let tokens = (h / 2) * (w / 2);
             for i in 0..layers {
@@ -566,7 +549,7 @@ mod tests {
             width: 16,
             text_len: 9,
         };
-        let g = cfg.build(&shapes, &opts()).expect("build");
+        let g = build_all(&cfg, shapes);
         assert_eq!(output_shape(&g, "sample"), vec![2, 4, 16, 16]);
         let ws = weights(&g);
         assert!(!ws.keys().any(|k| k.starts_with("caption_projection")));
@@ -694,7 +677,7 @@ mod tests {
             edit(&mut cfg);
             let e = err_text(cfg.validate());
             assert!(e.contains(want), "{e} should mention {want}");
-            let e = err_text(cfg.build(&config().default_shapes(), &opts()));
+            let e = err_text(cfg.build(&config().default_shapes(), &with_block_outputs()));
             assert!(e.contains(want), "{e} should mention {want}");
         }
     }
@@ -703,16 +686,8 @@ mod tests {
     fn bad_inputs() {
         let cfg = config();
         let good = fixture_inputs("pixart");
-        let with = |name: &str, shape: Vec<usize>| {
-            let mut m = good.clone();
-            m.insert(name.to_string(), shape);
-            m
-        };
-        let without = |name: &str| {
-            let mut m = good.clone();
-            m.remove(name);
-            m
-        };
+        let with = |name, shape| with_input(&good, name, shape);
+        let without = |name| without_input(&good, name);
         for (inputs, want) in [
             (with("hidden_states", vec![2, 8, 16, 16]), "hidden_states"),
             (with("hidden_states", vec![2, 4, 16, 13]), "hidden_states"),
@@ -756,7 +731,7 @@ mod tests {
             width: 16,
             text_len: 0,
         };
-        let e = err_text(cfg.build(&shapes, &opts()));
+        let e = err_text(cfg.build(&shapes, &with_block_outputs()));
         assert!(e.contains("text length"), "{e}");
     }
 }

@@ -577,129 +577,23 @@ fn joint_block(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
-    use std::path::{Path, PathBuf};
+mod tests {
+    use std::collections::BTreeMap;
 
-    use ditto_ir::{Graph, Op};
+    use ditto_ir::Op;
 
     use super::*;
-    use crate::checkpoint::Checkpoint;
-
-    pub(crate) fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(rel)
-    }
-
-    /// name -> shape of every weight reachable from the outputs; a name requested with two
-    /// different shapes fails.
-    pub(crate) fn weights(g: &Graph) -> BTreeMap<String, Vec<usize>> {
-        let g = g.pruned().expect("prunes");
-        let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for node in g.nodes() {
-            if let Op::Weight(ch) = node {
-                let name = g.name_attr(ch[0]).expect("weight name").to_string();
-                let dims: Vec<usize> = ch[1..]
-                    .iter()
-                    .map(|&c| g.int_attr(c).expect("dim") as usize)
-                    .collect();
-                if let Some(prev) = out.insert(name.clone(), dims.clone()) {
-                    assert_eq!(prev, dims, "weight {name} requested with two shapes");
-                }
-            }
-        }
-        out
-    }
-
-    pub(crate) fn output_shape<'a>(g: &'a Graph, name: &str) -> &'a [usize] {
-        let id = g
-            .outputs
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no output {name}"))
-            .1;
-        g.shape(id)
-    }
-
-    /// `input.<arg>` shapes of io.safetensors.
-    pub(crate) fn io_inputs(io: &Checkpoint) -> BTreeMap<String, Vec<usize>> {
-        io.names()
-            .into_iter()
-            .filter_map(|n| n.strip_prefix("input.").map(|a| (a, n)))
-            .map(|(a, n)| (a.to_string(), io.shape(n).expect("shape").to_vec()))
-            .collect()
-    }
-
-    /// Builds the fixture's graph from its own inputs and checks weights against the
-    /// checkpoint (both ways, less `ignored`) and outputs against io.safetensors.
-    pub(crate) fn check_fixture<C>(
-        dir: &Path,
-        parse: impl Fn(&serde_json::Value) -> C,
-        build: impl Fn(&C, &BTreeMap<String, Vec<usize>>) -> Graph,
-        ignored: &[&str],
-    ) {
-        let cfg = parse(&crate::read_config(dir).expect("config"));
-        let ckpt = Checkpoint::open(dir).expect("checkpoint");
-        let io = Checkpoint::open(&dir.join("io.safetensors")).expect("io");
-        let g = build(&cfg, &io_inputs(&io));
-
-        let used = weights(&g);
-        for (name, shape) in &used {
-            let have = ckpt.shape(name).unwrap_or_else(|| {
-                panic!("{}: graph weight {name} not in checkpoint", dir.display())
-            });
-            assert_eq!(have, shape.as_slice(), "{name}");
-        }
-        for name in ckpt.names() {
-            if !ignored.contains(&name) {
-                assert!(used.contains_key(name), "checkpoint tensor {name} unused");
-            }
-        }
-
-        assert_eq!(
-            output_shape(&g, "sample"),
-            io.shape("output").expect("output")
-        );
-        let io_json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).expect("io.json"))
-                .expect("json");
-        let want: Vec<usize> = serde_json::from_value(io_json["output"]["shape"].clone()).unwrap();
-        assert_eq!(output_shape(&g, "sample"), want.as_slice());
-
-        let graph_blocks: BTreeSet<&str> = g
-            .outputs
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .filter(|n| n.starts_with("block."))
-            .collect();
-        let io_blocks: BTreeSet<&str> = io
-            .names()
-            .into_iter()
-            .filter(|n| n.starts_with("block."))
-            .collect();
-        assert_eq!(graph_blocks, io_blocks);
-        for name in io_blocks {
-            assert_eq!(output_shape(&g, name), io.shape(name).unwrap(), "{name}");
-        }
-    }
+    use crate::test_support::{
+        build_all, check_fixture, fixture_config, fixture_inputs, output_shape, reachable_weights,
+        with_input, without_input,
+    };
 
     fn parse(v: &serde_json::Value) -> Sd3Config {
         crate::parse_config(v, "config.json").expect("parses")
     }
 
-    fn fixture_config() -> Sd3Config {
-        parse(&crate::read_config(&fixture("sd3")).expect("config"))
-    }
-
-    fn build_all(cfg: &Sd3Config, s: Shapes) -> Graph {
-        cfg.build(
-            &s,
-            &BuildOptions {
-                block_outputs: true,
-            },
-        )
-        .expect("builds")
+    fn config() -> Sd3Config {
+        fixture_config("sd3")
     }
 
     fn inputs(
@@ -726,23 +620,14 @@ pub(crate) mod tests {
     #[test]
     fn fixtures_match_checkpoint_and_io() {
         for rel in ["sd3", "sd3-pipeline/transformer"] {
-            check_fixture(
-                &fixture(rel),
-                parse,
-                |cfg, inputs| {
-                    let s = cfg.shapes_from_inputs(inputs).expect("shapes");
-                    build_all(cfg, s)
-                },
-                &[],
-            );
+            check_fixture::<Sd3Config>(rel);
         }
     }
 
     #[test]
     fn fixture_shapes_and_defaults() {
-        let cfg = fixture_config();
-        let io = Checkpoint::open(&fixture("sd3/io.safetensors")).unwrap();
-        let s = cfg.shapes_from_inputs(&io_inputs(&io)).unwrap();
+        let cfg = config();
+        let s = cfg.shapes_from_inputs(&fixture_inputs("sd3")).unwrap();
         assert_eq!(
             s,
             Shapes {
@@ -773,7 +658,7 @@ pub(crate) mod tests {
 
     #[test]
     fn crop_is_centered() {
-        let cfg = fixture_config();
+        let cfg = config();
         // 12x20 latent -> 6x10 patches in the 32x32 table: top 13, left 11.
         let g = build_all(
             &cfg,
@@ -803,7 +688,7 @@ pub(crate) mod tests {
 
     #[test]
     fn shapes_follow_config_and_inputs() {
-        let base = fixture_config();
+        let base = config();
         for heads in [3, 5] {
             for dual in [vec![], vec![0, 2], vec![3]] {
                 for qk in [None, Some("rms_norm".to_string())] {
@@ -835,7 +720,7 @@ pub(crate) mod tests {
                         .outputs
                         .iter()
                         .any(|(n, _)| n == "block.transformer_blocks.3.out0"));
-                    let w = weights(&g);
+                    let w = reachable_weights(&g);
                     for i in 0..4 {
                         let chunks = if dual.contains(&i) { 9 } else { 6 };
                         assert_eq!(
@@ -874,7 +759,7 @@ pub(crate) mod tests {
     fn computed_pos_embed_without_max_size() {
         let cfg = Sd3Config {
             pos_embed_max_size: None,
-            ..fixture_config()
+            ..config()
         };
         let g = build_all(
             &cfg,
@@ -885,14 +770,14 @@ pub(crate) mod tests {
                 text_len: 2,
             },
         );
-        assert!(!weights(&g).contains_key("pos_embed.pos_embed"));
+        assert!(!reachable_weights(&g).contains_key("pos_embed.pos_embed"));
         assert!(g.nodes().iter().any(|n| matches!(n, Op::SinCosPosEmbed(_))));
         assert_eq!(output_shape(&g, "sample"), &[1, 16, 64, 8]);
     }
 
     #[test]
     fn bad_configs_are_named() {
-        let base = fixture_config();
+        let base = config();
         let cases: Vec<(Sd3Config, &str)> = vec![
             (
                 Sd3Config {
@@ -982,19 +867,11 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_inputs_are_named() {
-        let cfg = fixture_config();
+        let cfg = config();
         let ok = inputs(&cfg, 2, 16, 16, 7);
         cfg.shapes_from_inputs(&ok).unwrap();
-        let with = |name: &str, shape: Vec<usize>| {
-            let mut m = ok.clone();
-            m.insert(name.to_string(), shape);
-            m
-        };
-        let without = |name: &str| {
-            let mut m = ok.clone();
-            m.remove(name);
-            m
-        };
+        let with = |name, shape| with_input(&ok, name, shape);
+        let without = |name| without_input(&ok, name);
         let cases = vec![
             (with("hidden_states", vec![2, 16, 16]), "hidden_states"),
             (with("hidden_states", vec![2, 4, 16, 16]), "hidden_states"),

@@ -183,17 +183,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{err_text, fixture};
     use half::{bf16, f16};
     use std::collections::HashMap;
-
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
-
-    fn expect_err<T>(result: Result<T, CheckpointError>) -> String {
-        match result {
-            Ok(_) => panic!("expected an error"),
-            Err(e) => e.to_string(),
-        }
-    }
 
     #[test]
     fn round_trip() {
@@ -303,7 +295,7 @@ mod tests {
 
     #[test]
     fn reads_fixture_io_files() {
-        let dit = read_tensors(&Path::new(FIXTURES).join("dit/io.safetensors")).expect("dit io");
+        let dit = read_tensors(&fixture("dit/io.safetensors")).expect("dit io");
         assert_eq!(
             dit["input.class_labels"].data,
             [3.0, 10.0],
@@ -314,11 +306,10 @@ mod tests {
         assert_eq!(dit["output"].shape, [2, 8, 16, 16]);
         assert_eq!(dit["output"].max_rel_err(&dit["output"]), 0.0);
 
-        let flux = read_tensors(&Path::new(FIXTURES).join("flux/io.safetensors")).expect("flux");
+        let flux = read_tensors(&fixture("flux/io.safetensors")).expect("flux");
         assert_eq!(flux["block.transformer_blocks.0.out0"].shape, [1, 7, 64]);
 
-        let loop_ =
-            read_tensors(&Path::new(FIXTURES).join("dit-pipeline/loop.safetensors")).expect("loop");
+        let loop_ = read_tensors(&fixture("dit-pipeline/loop.safetensors")).expect("loop");
         assert!(loop_.contains_key("latents.0") && loop_.contains_key("image"));
     }
 
@@ -326,7 +317,7 @@ mod tests {
     fn read_errors_name_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.safetensors");
-        let msg = expect_err(read_tensors(&missing));
+        let msg = err_text(read_tensors(&missing));
         assert!(
             msg.contains("cannot read") && msg.contains("missing.safetensors"),
             "{msg}"
@@ -334,16 +325,16 @@ mod tests {
 
         let garbage = dir.path().join("garbage.safetensors");
         fs::write(&garbage, b"\x10\0\0\0\0\0\0\0not json at all!").expect("write");
-        let msg = expect_err(read_tensors(&garbage));
+        let msg = err_text(read_tensors(&garbage));
         assert!(
             msg.contains("garbage.safetensors") && msg.contains("not a valid"),
             "{msg}"
         );
 
-        let full = fs::read(Path::new(FIXTURES).join("dit/io.safetensors")).expect("fixture");
+        let full = fs::read(fixture("dit/io.safetensors")).expect("fixture");
         let cut = dir.path().join("cut.safetensors");
         fs::write(&cut, &full[..full.len() / 2]).expect("write");
-        let msg = expect_err(read_tensors(&cut));
+        let msg = err_text(read_tensors(&cut));
         assert!(msg.contains("cut.safetensors"), "{msg}");
 
         let fp8 = dir.path().join("fp8.safetensors");
@@ -356,7 +347,7 @@ mod tests {
         )
         .expect("ser");
         fs::write(&fp8, bytes).expect("write");
-        let msg = expect_err(read_tensors(&fp8));
+        let msg = err_text(read_tensors(&fp8));
         assert!(
             msg.contains("`q`") && msg.contains("fp8.safetensors"),
             "{msg}"
@@ -371,7 +362,7 @@ mod tests {
             data: vec![1.0; 3],
         };
         let path = dir.path().join("bad.safetensors");
-        let msg = expect_err(write_tensors(&path, &[("t", &t)]));
+        let msg = err_text(write_tensors(&path, &[("t", &t)]));
         assert!(
             msg.contains("bad.safetensors") && msg.contains("`t`"),
             "{msg}"
@@ -380,11 +371,11 @@ mod tests {
         assert!(!path.exists());
 
         let ok = HostTensor::new(vec![1], vec![1.0]);
-        let msg = expect_err(write_tensors(&path, &[("x", &ok), ("x", &ok)]));
+        let msg = err_text(write_tensors(&path, &[("x", &ok), ("x", &ok)]));
         assert!(msg.contains("`x`") && msg.contains("twice"), "{msg}");
 
         let nowhere = dir.path().join("no/such/dir/out.safetensors");
-        let msg = expect_err(write_tensors(&nowhere, &[("x", &ok)]));
+        let msg = err_text(write_tensors(&nowhere, &[("x", &ok)]));
         assert!(
             msg.contains("cannot write") && msg.contains("no/such/dir/out.safetensors"),
             "{msg}"

@@ -4,20 +4,17 @@
 //! ring; see `assets/shapes-dit/README.md`), so that `ditto generate` works with no download.
 //! The weights are the trained f32 ones (8.5 MB). f16 would halve that, but the 20-step
 //! guided sampling amplifies its rounding: samples then differ from the reference by up to 5%
-//! (relative), against 1.4e-4 with f32. They are served from memory rather than through
-//! [`crate::Model`], whose checkpoint is a memory-mapped folder on disk: writing the bytes to
-//! a temporary folder first would leave files behind.
+//! (relative), against 1.4e-4 with f32. They are served from memory: the transformer is a
+//! [`crate::Model`] over [`Checkpoint::from_static_bytes`], compiled and bound to its weights
+//! the same way as a folder's, without writing the bytes to a temporary folder (which would
+//! leave files behind).
 
-use std::sync::Arc;
+use std::path::Path;
 
-use ditto_models::family::{self, ModelFamily};
-use ditto_models::{BuildOptions, Shapes};
-use ditto_passes::RunOptions;
-use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+use ditto_models::checkpoint::{Checkpoint, WEIGHTS_NAME};
 
 use super::PipelineError;
-use crate::Session;
+use crate::Model;
 
 macro_rules! asset {
     ($file:literal) => {
@@ -47,75 +44,14 @@ pub fn reference() -> Result<Reference, PipelineError> {
         .map_err(|e| PipelineError::Internal(format!("built-in reference.json: {e}")))
 }
 
-/// A transformer whose config and safetensors bytes live in memory.
-pub struct EmbeddedModel {
-    family: Box<dyn ModelFamily>,
-    tensors: SafeTensors<'static>,
-}
-
-impl EmbeddedModel {
-    pub fn builtin() -> Result<EmbeddedModel, PipelineError> {
-        let internal = |what: String| PipelineError::Internal(format!("{NAME}: {what}"));
-        let config: serde_json::Value =
-            serde_json::from_str(TRANSFORMER_CONFIG).map_err(|e| internal(e.to_string()))?;
-        let family = family::from_config(&config, "transformer/config.json")
-            .map_err(|e| internal(e.to_string()))?;
-        let tensors = SafeTensors::deserialize(WEIGHTS).map_err(|e| internal(e.to_string()))?;
-        Ok(EmbeddedModel { family, tensors })
-    }
-
-    /// Compiles the forward program for `shapes` the way [`crate::Model::compile`] does
-    /// (same graph builder, pass pipeline and lowering) and binds the weights.
-    pub fn session(&self, shapes: &Shapes) -> Result<Session, PipelineError> {
-        let err = |e: crate::Error| PipelineError::Model {
-            component: format!("{NAME} transformer"),
-            error: Box::new(e),
-        };
-        let graph = self
-            .family
-            .build(shapes, &BuildOptions::default())
-            .map_err(|e| err(e.into()))?;
-        let (graph, _) = ditto_passes::Pipeline::default_cpu()
-            .run(graph, &RunOptions::default())
-            .map_err(|e| err(e.into()))?;
-        let program = ditto_codegen::lower(&graph).map_err(|e| err(e.into()))?;
-        let weights = program
-            .weights
-            .iter()
-            .map(|b| self.load_f32(&b.name, &b.shape))
-            .collect::<Result<Vec<_>, _>>()?;
-        Session::new(Arc::new(program), Arc::new(weights)).map_err(err)
-    }
-
-    fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, PipelineError> {
-        let internal = |what: String| PipelineError::Internal(format!("{NAME}: {what}"));
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|e| internal(format!("weight `{name}`: {e}")))?;
-        if view.shape() != shape {
-            return Err(internal(format!(
-                "weight `{name}` has shape {:?}, the program expects {shape:?}",
-                view.shape()
-            )));
-        }
-        let bytes = view.data();
-        let words = |n: usize| bytes.chunks_exact(n);
-        Ok(match view.dtype() {
-            Dtype::F32 => words(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => words(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => words(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(internal(format!(
-                    "weight `{name}` has unsupported dtype {other:?}"
-                )))
-            }
-        })
-    }
+/// The transformer, its weights read from the bytes compiled into the binary.
+pub fn transformer() -> Result<Model, PipelineError> {
+    let dir = Path::new(NAME).join("transformer");
+    let config: serde_json::Value = serde_json::from_str(TRANSFORMER_CONFIG)
+        .map_err(|e| PipelineError::Internal(format!("{NAME}: transformer/config.json: {e}")))?;
+    let label = dir.join(WEIGHTS_NAME).display().to_string();
+    Checkpoint::from_static_bytes(&label, WEIGHTS)
+        .map_err(crate::Error::from)
+        .and_then(|checkpoint| Model::from_parts(dir, &config, checkpoint))
+        .map_err(|error| PipelineError::model("loading the transformer", error))
 }

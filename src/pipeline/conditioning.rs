@@ -165,10 +165,7 @@ impl FamilyConfig {
 }
 
 fn model_err(e: ditto_models::ModelError) -> PipelineError {
-    PipelineError::Model {
-        component: "transformer".into(),
-        error: Box::new(crate::Error::from(e)),
-    }
+    PipelineError::model("transformer", e)
 }
 
 /// What the request conditions on, per sample (already broadcast to B samples).

@@ -12,7 +12,7 @@
 //! let mut pipe = Pipeline::load("tests/fixtures/sd3-pipeline")?;
 //! let prompt = ditto::PromptEmbeds::read("tests/fixtures/sd3-pipeline/prompt.safetensors".as_ref())?;
 //! let out = pipe.generate(&GenerateRequest::prompt(prompt).with_steps(6).with_guidance(5.0))?;
-//! # Ok::<(), ditto::PipelineError>(())
+//! # Ok::<(), ditto::Error>(())
 //! ```
 //!
 //! The loop, as in diffusers:
@@ -79,6 +79,16 @@ pub enum PipelineError {
     Io { path: PathBuf, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl PipelineError {
+    /// [`PipelineError::Model`]: `component` failed with `error`.
+    pub fn model(component: impl Into<String>, error: impl Into<crate::Error>) -> Self {
+        PipelineError::Model {
+            component: component.into(),
+            error: Box::new(error.into()),
+        }
+    }
 }
 
 /// Where the initial latents come from.
@@ -263,12 +273,6 @@ pub enum Progress<'a> {
     Decoded { seconds: f64 },
 }
 
-/// The transformer's weights: a checkpoint folder, or the built-in model in memory.
-enum Backbone {
-    Folder(Model),
-    Embedded(builtin::EmbeddedModel),
-}
-
 struct Vae {
     model: Model,
     config: AutoencoderKLConfig,
@@ -315,7 +319,8 @@ pub struct Pipeline {
     source: String,
     pipeline_class: String,
     family: FamilyConfig,
-    transformer: Backbone,
+    /// From a checkpoint folder, or the built-in model's bytes in memory.
+    transformer: Model,
     scheduler_config: String,
     scheduler_path: PathBuf,
     scheduler_class: &'static str,
@@ -343,10 +348,8 @@ impl Pipeline {
         let config_path = f.transformer.join("config.json");
         let family = FamilyConfig::parse(&folder::read_text(&config_path)?, &config_path)?;
         // The checkpoint errors name the folder themselves.
-        let model = Model::load(&f.transformer).map_err(|error| PipelineError::Model {
-            component: "loading the transformer".into(),
-            error: Box::new(error),
-        })?;
+        let transformer = Model::load(&f.transformer)
+            .map_err(|error| PipelineError::model("loading the transformer", error))?;
         let scheduler_config = folder::read_text(&f.scheduler_config)?;
         let scheduler_class = parse_scheduler(&scheduler_config, &f.scheduler_config)?.name();
         let vae = match &f.vae {
@@ -358,7 +361,7 @@ impl Pipeline {
             source: dir.display().to_string(),
             pipeline_class: f.pipeline_class,
             family,
-            transformer: Backbone::Folder(model),
+            transformer,
             scheduler_config,
             scheduler_path: f.scheduler_config,
             scheduler_class,
@@ -392,7 +395,7 @@ impl Pipeline {
             source: builtin::NAME.to_string(),
             pipeline_class: index.class_name,
             family,
-            transformer: Backbone::Embedded(builtin::EmbeddedModel::builtin()?),
+            transformer: builtin::transformer()?,
             scheduler_config: builtin::SCHEDULER_CONFIG.to_string(),
             scheduler_path,
             scheduler_class,
@@ -507,17 +510,13 @@ impl Pipeline {
         };
 
         let t0 = Instant::now();
-        let transformer = &self.transformer;
+        let component = || format!("transformer of {}", self.source);
         let (session, compiled) =
             self.transformer_sessions
-                .get_or_compile(&batch.shapes, || match transformer {
-                    Backbone::Folder(m) => m
+                .get_or_compile(&batch.shapes, || {
+                    self.transformer
                         .session(&batch.shapes, &CompileOptions::default())
-                        .map_err(|error| PipelineError::Model {
-                            component: format!("transformer of {}", self.source),
-                            error: Box::new(error),
-                        }),
-                    Backbone::Embedded(m) => m.session(&batch.shapes),
+                        .map_err(|error| PipelineError::model(component(), error))
                 })?;
         let compile_seconds = if compiled {
             t0.elapsed().as_secs_f64()
@@ -535,10 +534,7 @@ impl Pipeline {
             batch.set_step(&self.family, &latents, t);
             let out = session
                 .run(&batch.inputs)
-                .map_err(|error| PipelineError::Model {
-                    component: format!("transformer of {}", self.source),
-                    error: Box::new(error),
-                })?;
+                .map_err(|error| PipelineError::model(component(), error))?;
             let sample = out.get("sample").ok_or_else(|| {
                 PipelineError::Internal("the transformer gave no `sample`".into())
             })?;
@@ -616,15 +612,11 @@ impl Pipeline {
         let (session, _) = self.vae_sessions.get_or_compile(&shapes, || {
             vae.model
                 .session(&shapes, &CompileOptions::default())
-                .map_err(|error| PipelineError::Model {
-                    component: component(),
-                    error: Box::new(error),
-                })
+                .map_err(|error| PipelineError::model(component(), error))
         })?;
-        let mut out = session.run(&inputs).map_err(|error| PipelineError::Model {
-            component: component(),
-            error: Box::new(error),
-        })?;
+        let mut out = session
+            .run(&inputs)
+            .map_err(|error| PipelineError::model(component(), error))?;
         out.remove("sample")
             .ok_or_else(|| PipelineError::Internal("the VAE gave no `sample`".into()))
     }
@@ -806,10 +798,7 @@ fn broadcast_labels(labels: &[usize], samples: usize) -> Result<Vec<usize>, Pipe
 }
 
 fn load_vae(dir: &Path, family: &FamilyConfig) -> Result<Vae, PipelineError> {
-    let model_err = |error: crate::Error| PipelineError::Model {
-        component: "loading the VAE".into(),
-        error: Box::new(error),
-    };
+    let model_err = |error: crate::Error| PipelineError::model("loading the VAE", error);
     let model = Model::load(dir).map_err(model_err)?;
     let path = dir.join("config.json");
     if model.family().family() != "vae" {
