@@ -11,7 +11,8 @@ pub mod gemm;
 pub mod layout;
 pub mod norm;
 
-mod vmath;
+// Crate-visible for the fused-kernel interpreter (`cpu::fused`), which shares its `exp`.
+pub(crate) mod vmath;
 
 #[cfg(test)]
 pub(crate) mod test_util;
