@@ -29,7 +29,7 @@ CKPT="$BENCH_DIR/$(basename "${CONFIG%.json}")-ckpt"
 mkdir -p "$BENCH_DIR"
 
 echo "== building ditto (release)"
-cargo build --release --quiet --example bench_forward
+cargo build --release --quiet
 
 # torch's default PyPI wheel is the CUDA build (it pulls ~3 GB of nvidia-* wheels) but runs
 # on the CPU just the same. PyPI has no official CPU-only build under another name (there
@@ -52,7 +52,7 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THRE
 rm -f "$BENCH_DIR"/ditto.*.json "$BENCH_DIR"/torch.*.json
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round/$ROUNDS: ditto ($CONFIG, $THREADS threads, $WARMUP warmup + $ITERS timed runs)"
-    cargo run --release --quiet --example bench_forward -- \
+    target/release/ditto bench forward \
         --config "$CONFIG" --threads "$THREADS" --warmup "$WARMUP" --iters "$ITERS" \
         --seed "$SEED" --dir "$CKPT" \
         --out "$BENCH_DIR/ditto_out.safetensors" --json "$BENCH_DIR/ditto.$round.json"

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use ditto::bench::{bench_forward, ForwardBenchOptions};
 use ditto::{CompileOptions, HostTensor, Model, Session, Shapes};
 
 #[derive(Parser)]
@@ -33,6 +34,16 @@ enum Command {
     Run(RunArgs),
     /// Generate images with a diffusers pipeline folder (default: the built-in shapes model).
     Generate(GenerateArgs),
+    /// Benchmarks (compare with bench/*.py, which time PyTorch on the same inputs).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time one forward pass on the CPU backend with random weights (written as a real
+    /// checkpoint folder, so a reference implementation can load the very same weights).
+    Forward(BenchForwardArgs),
 }
 
 #[derive(Args)]
@@ -127,6 +138,7 @@ fn main() -> ExitCode {
         Command::Compile(a) => compile(a),
         Command::Run(a) => run(a),
         Command::Generate(a) => generate(a),
+        Command::Bench(BenchCommand::Forward(a)) => bench_forward_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -638,5 +650,75 @@ fn generate(a: GenerateArgs) -> Result<()> {
             String::new()
         },
     );
+    Ok(())
+}
+
+#[derive(Args)]
+struct BenchForwardArgs {
+    /// A config.json, or a preset: pixart-sigma (PixArt-Σ XL/2 256 px).
+    #[arg(long, default_value = "pixart-sigma")]
+    config: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 300)]
+    text_len: usize,
+    /// Latent height = width (default: the config's sample_size).
+    #[arg(long)]
+    latent_size: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint folder to write (default: under the system temp dir); reused when it
+    /// already holds the same random weights.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the output (`output`) here as safetensors.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A safetensors file whose `output` tensor is the reference to compare against.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+}
+
+fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
+    let report = bench_forward(&ForwardBenchOptions {
+        config: a.config,
+        batch: a.batch,
+        text_len: a.text_len,
+        latent_size: a.latent_size,
+        warmup: a.warmup,
+        iters: a.iters,
+        threads: a.threads,
+        seed: a.seed,
+        weights_out: a.dir,
+    })?;
+    println!("checkpoint: {}", report.model_dir.display());
+    print!("{report}");
+    if let Some(path) = &a.out {
+        ditto::write_tensors(path, &[("output", &report.output)])?;
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    if let Some(path) = &a.reference {
+        let tensors = ditto::read_tensors(path)?;
+        let want = tensors
+            .get("output")
+            .ok_or_else(|| anyhow!("{} has no `output` tensor", path.display()))?;
+        println!(
+            "max rel err vs {}: {:.3e}",
+            path.display(),
+            report.output.max_rel_err(want)
+        );
+    }
     Ok(())
 }
