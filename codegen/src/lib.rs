@@ -13,7 +13,10 @@ use thiserror::Error;
 
 pub use kernel::compile_kernel;
 pub use lower::lower;
-pub use program::{Binding, KInstr, Kernel, Program, Step, Storage, Value, ValueId};
+pub use program::{
+    Binding, KInstr, Kernel, Mesh, MeshAxis, Program, Segment, SeqMethod, Step, Storage, Value,
+    ValueId,
+};
 
 #[derive(Debug, Error)]
 pub enum CodegenError {

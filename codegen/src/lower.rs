@@ -7,7 +7,7 @@ use ditto_ir::{Graph, Id, Op};
 
 use crate::kernel::compile_kernel;
 use crate::memory;
-use crate::program::{Binding, Program, Step, Storage, Value, FORMAT_VERSION};
+use crate::program::{Binding, Mesh, Program, Step, Storage, Value, FORMAT_VERSION};
 use crate::CodegenError;
 
 pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
@@ -308,8 +308,7 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
 
     Ok(Program {
         format_version: FORMAT_VERSION,
-        rank: 0,
-        world_size: 1,
+        mesh: Mesh::default(),
         inputs,
         weights,
         buffers,

@@ -38,6 +38,128 @@ pub struct Binding {
     pub dtype: String,
 }
 
+/// An axis of the device mesh. Ranks are laid out as `rank = (cfg * ring + r) * ulysses + u`:
+/// Ulysses innermost (contiguous ranks, the fastest links), then Ring, then the CFG pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MeshAxis {
+    /// The classifier-free-guidance pair: batch halves.
+    Cfg,
+    /// All sequence-parallel ranks (ring x ulysses); index `r * ulysses + u`.
+    Sp,
+    /// The inner sequence-parallel axis.
+    Ulysses,
+    /// The outer sequence-parallel axis.
+    Ring,
+}
+
+impl MeshAxis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshAxis::Cfg => "cfg",
+            MeshAxis::Sp => "sp",
+            MeshAxis::Ulysses => "ulysses",
+            MeshAxis::Ring => "ring",
+        }
+    }
+    pub fn parse(s: &str) -> Option<MeshAxis> {
+        Some(match s {
+            "cfg" => MeshAxis::Cfg,
+            "sp" => MeshAxis::Sp,
+            "ulysses" => MeshAxis::Ulysses,
+            "ring" => MeshAxis::Ring,
+            _ => return None,
+        })
+    }
+}
+
+/// The device mesh of a run: `cfg * ring * ulysses` ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mesh {
+    pub cfg: usize,
+    pub ring: usize,
+    pub ulysses: usize,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            cfg: 1,
+            ring: 1,
+            ulysses: 1,
+        }
+    }
+}
+
+impl Mesh {
+    pub fn world_size(&self) -> usize {
+        self.cfg * self.ring * self.ulysses
+    }
+    pub fn sp(&self) -> usize {
+        self.ring * self.ulysses
+    }
+    pub fn size(&self, axis: MeshAxis) -> usize {
+        match axis {
+            MeshAxis::Cfg => self.cfg,
+            MeshAxis::Sp => self.sp(),
+            MeshAxis::Ulysses => self.ulysses,
+            MeshAxis::Ring => self.ring,
+        }
+    }
+    /// (cfg, ring, ulysses) coordinates of `rank`.
+    pub fn coords(&self, rank: usize) -> (usize, usize, usize) {
+        let u = rank % self.ulysses;
+        let r = (rank / self.ulysses) % self.ring;
+        let c = rank / (self.ulysses * self.ring);
+        (c, r, u)
+    }
+    pub fn rank_of(&self, c: usize, r: usize, u: usize) -> usize {
+        (c * self.ring + r) * self.ulysses + u
+    }
+    /// `rank`'s index along `axis`.
+    pub fn index(&self, rank: usize, axis: MeshAxis) -> usize {
+        let (c, r, u) = self.coords(rank);
+        match axis {
+            MeshAxis::Cfg => c,
+            MeshAxis::Sp => r * self.ulysses + u,
+            MeshAxis::Ulysses => u,
+            MeshAxis::Ring => r,
+        }
+    }
+    /// The ranks that differ from `rank` only along `axis`, ordered by their index on it.
+    pub fn group(&self, rank: usize, axis: MeshAxis) -> Vec<usize> {
+        let (c, r, u) = self.coords(rank);
+        match axis {
+            MeshAxis::Cfg => (0..self.cfg).map(|c| self.rank_of(c, r, u)).collect(),
+            MeshAxis::Sp => (0..self.sp())
+                .map(|s| self.rank_of(c, s / self.ulysses, s % self.ulysses))
+                .collect(),
+            MeshAxis::Ulysses => (0..self.ulysses).map(|u| self.rank_of(c, r, u)).collect(),
+            MeshAxis::Ring => (0..self.ring).map(|r| self.rank_of(c, r, u)).collect(),
+        }
+    }
+}
+
+/// One logical sequence inside a split axis. The axis of a split tensor is a concatenation of
+/// segments (e.g. image tokens then text tokens); each segment is padded to `parts * local`
+/// rows and split evenly, so a rank holds `local` rows of it, and global rows `>= valid` of
+/// the segment are padding (zeros, never attended to as keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Segment {
+    pub local: usize,
+    pub valid: usize,
+}
+
+/// How attention over a split sequence is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SeqMethod {
+    /// All-to-all over the Sp axis (sequence <-> heads), local attention, all-to-all back.
+    Ulysses,
+    /// K/V blocks passed around the Sp ring, online-softmax merge with the LSE.
+    Ring,
+    /// Ulysses over the Ulysses axis, then Ring over the Ring axis on the gathered blocks.
+    Usp,
+}
+
 /// One instruction of a fused elementwise kernel, in SSA order: instruction `i` defines
 /// register `i`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -192,6 +314,44 @@ pub enum Step {
         sin: ValueId,
         out: ValueId,
     },
+    /// out = this rank's rows of `x` along `axis`: for each segment, rows
+    /// `[i * local, (i + 1) * local)` of it (zero past `valid`), `i` = the rank's index on `mesh`.
+    Shard {
+        x: ValueId,
+        out: ValueId,
+        axis: usize,
+        mesh: MeshAxis,
+        parts: usize,
+        segments: Vec<Segment>,
+    },
+    /// Inverse of `Shard`: every member's rows gathered, padding dropped: out has
+    /// `sum(valid)` rows along `axis`.
+    AllGather {
+        x: ValueId,
+        out: ValueId,
+        axis: usize,
+        mesh: MeshAxis,
+        parts: usize,
+        segments: Vec<Segment>,
+    },
+    /// Attention whose queries, keys and values are split along the sequence (axis 1) over
+    /// the Sp ranks. q: [B, sq, heads * head_dim] local rows, k/v: [B, sk, heads * head_dim]
+    /// local rows laid out as `key_segments` (padding rows are masked out). Output: the
+    /// local query rows. Heads that do not divide the Ulysses degree are padded inside.
+    SeqAttention {
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        out: ValueId,
+        method: SeqMethod,
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        key_segments: Vec<Segment>,
+    },
     /// out = a constant (a scalar node that no kernel absorbed).
     Fill { out: ValueId, value: f32 },
     /// out = x (a graph output that is a view of another output or of an input/weight).
@@ -220,7 +380,10 @@ impl Step {
             | Step::RopeTables { out, .. }
             | Step::Rope { out, .. }
             | Step::Fill { out, .. }
-            | Step::Copy { out, .. } => *out,
+            | Step::Copy { out, .. }
+            | Step::Shard { out, .. }
+            | Step::AllGather { out, .. }
+            | Step::SeqAttention { out, .. } => *out,
         }
     }
 
@@ -241,7 +404,10 @@ impl Step {
             | Step::Permute { x, .. }
             | Step::Slice { x, .. }
             | Step::UpsampleNearest { x, .. }
-            | Step::Copy { x, .. } => vec![*x],
+            | Step::Copy { x, .. }
+            | Step::Shard { x, .. }
+            | Step::AllGather { x, .. } => vec![*x],
+            Step::SeqAttention { q, k, v, .. } => vec![*q, *k, *v],
             Step::Concat { inputs, .. } => inputs.clone(),
             Step::Conv2d { x, w, b, .. } => vec![*x, *w, *b],
             Step::TimestepEmbedding { t, .. } => vec![*t],
@@ -274,6 +440,13 @@ impl Step {
             Step::Rope { .. } => "rope",
             Step::Fill { .. } => "fill",
             Step::Copy { .. } => "copy",
+            Step::Shard { .. } => "shard",
+            Step::AllGather { .. } => "all_gather",
+            Step::SeqAttention { method, .. } => match method {
+                SeqMethod::Ulysses => "ulysses_attention",
+                SeqMethod::Ring => "ring_attention",
+                SeqMethod::Usp => "usp_attention",
+            },
         }
     }
 }
@@ -282,8 +455,9 @@ impl Step {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Program {
     pub format_version: u32,
-    pub rank: usize,
-    pub world_size: usize,
+    /// The device mesh the program was compiled for; every rank runs the same program and
+    /// finds its own rows from its rank (SPMD).
+    pub mesh: Mesh,
     pub inputs: Vec<Binding>,
     pub weights: Vec<Binding>,
     /// Capacity of each planned buffer, in elements.
@@ -294,7 +468,7 @@ pub struct Program {
     pub outputs: Vec<(String, ValueId)>,
 }
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 impl Program {
     /// Bytes of planned intermediate buffers at f32 (the memory plan's peak).
@@ -331,6 +505,18 @@ impl Program {
                     head_dim_v,
                     ..
                 } => 2.0 * (*batch * *heads * *sq * *sk * (*head_dim + *head_dim_v)) as f64,
+                // Per rank: its query rows against every rank's keys.
+                Step::SeqAttention {
+                    batch,
+                    sq,
+                    sk,
+                    heads,
+                    head_dim,
+                    ..
+                } => {
+                    let parts = self.mesh.sp() as f64;
+                    4.0 * (*batch * *heads * *sq * *sk * *head_dim) as f64 * parts
+                }
                 Step::Conv2d { w, out, .. } => {
                     let ws = &self.values[*w].shape;
                     2.0 * (self.values[*out].numel() * ws[1] * ws[2] * ws[3]) as f64

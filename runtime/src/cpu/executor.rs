@@ -311,6 +311,12 @@ impl CpuExecutor {
                 let xs = shape(*x);
                 embed::apply_rope(r(*x), xs[0], xs[1], xs[2], xs[3], r(*cos), r(*sin), out)
             }
+            Step::Shard { .. } | Step::AllGather { .. } | Step::SeqAttention { .. } => {
+                result = Err(RuntimeError::Unsupported(format!(
+                    "`{}` needs a communicator",
+                    step.kind()
+                )));
+            }
             Step::Fill { value, .. } => out.fill(*value),
             Step::Copy { x, .. } => out.copy_from_slice(r(*x)),
         }
