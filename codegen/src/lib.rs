@@ -12,7 +12,7 @@ use std::path::Path;
 use thiserror::Error;
 
 pub use kernel::compile_kernel;
-pub use lower::lower;
+pub use lower::{lower, lower_for_mesh};
 pub use program::{
     Binding, KInstr, Kernel, Mesh, MeshAxis, Program, Segment, SeqMethod, Step, Storage, Value,
     ValueId,

@@ -7,8 +7,17 @@ use ditto_ir::{Graph, Id, Op};
 
 use crate::kernel::compile_kernel;
 use crate::memory;
-use crate::program::{Binding, Mesh, Program, Step, Storage, Value, FORMAT_VERSION};
+use crate::program::{
+    Binding, Mesh, MeshAxis, Program, Segment, SeqMethod, Step, Storage, Value, FORMAT_VERSION,
+};
 use crate::CodegenError;
+
+/// Lowers `g`, compiled for `mesh` (the sharding pass decided what each rank holds).
+pub fn lower_for_mesh(g: &Graph, mesh: Mesh) -> Result<Program, CodegenError> {
+    let mut p = lower(g)?;
+    p.mesh = mesh;
+    Ok(p)
+}
 
 pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
     let mut values: Vec<Value> = Vec::new();
@@ -29,6 +38,19 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
         g.int_attr(id)
             .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| bad(id, "expected a non-negative integer attribute"))
+    };
+    let mesh_axis = |id: Id| -> Result<MeshAxis, CodegenError> {
+        MeshAxis::parse(&g.node(id).name()).ok_or_else(|| bad(id, "unknown mesh axis"))
+    };
+    let segments = |ids: &[Id]| -> Result<Vec<Segment>, CodegenError> {
+        ids.chunks(2)
+            .map(|p| {
+                Ok(Segment {
+                    local: int(p[0])?,
+                    valid: int(p.get(1).copied().unwrap_or(p[0]))?,
+                })
+            })
+            .collect()
     };
     let float = |id: Id| -> Result<f64, CodegenError> {
         g.float_attr(id)
@@ -88,6 +110,12 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
                     Storage::Weight(weights.len() - 1),
                     None,
                 )
+            }
+            Op::Seq(x) => {
+                let src = v(*x)?;
+                let st = values[src].storage;
+                let r = root[src];
+                new_value(&mut values, &mut root, st, Some(r))
             }
             Op::Reshape(ch) => {
                 let src = v(ch[0])?;
@@ -261,6 +289,56 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
                             out,
                             cos: matches!(node, Op::RopeCos(_)),
                         },
+                        Op::Shard(ch) | Op::AllGather(ch) => {
+                            let axis = int(ch[1])?;
+                            let mesh = mesh_axis(ch[2])?;
+                            let parts = int(ch[3])?;
+                            let segments = segments(&ch[4..])?;
+                            let x = v(ch[0])?;
+                            if matches!(node, Op::Shard(_)) {
+                                Step::Shard {
+                                    x,
+                                    out,
+                                    axis,
+                                    mesh,
+                                    parts,
+                                    segments,
+                                }
+                            } else {
+                                Step::AllGather {
+                                    x,
+                                    out,
+                                    axis,
+                                    mesh,
+                                    parts,
+                                    segments,
+                                }
+                            }
+                        }
+                        Op::SeqAttention(ch) => {
+                            let heads = int(ch[3])?;
+                            let qs = g.shape(ch[0]);
+                            let method = match g.node(ch[5]).name().as_str() {
+                                "ulysses" => SeqMethod::Ulysses,
+                                "ring" => SeqMethod::Ring,
+                                "usp" => SeqMethod::Usp,
+                                _ => return Err(bad(id, "unknown sequence-parallel method")),
+                            };
+                            Step::SeqAttention {
+                                q: v(ch[0])?,
+                                k: v(ch[1])?,
+                                v: v(ch[2])?,
+                                out,
+                                method,
+                                batch: qs[0],
+                                sq: qs[1],
+                                sk: g.shape(ch[1])[1],
+                                heads,
+                                head_dim: qs[2] / heads,
+                                scale: float(ch[4])? as f32,
+                                key_segments: segments(&ch[6..])?,
+                            }
+                        }
                         Op::Rope([x, c, s]) => Step::Rope {
                             x: v(*x)?,
                             cos: v(*c)?,

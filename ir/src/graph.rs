@@ -336,6 +336,11 @@ impl Graph {
         self.add(Op::UpsampleNearest([x, f]))
     }
 
+    /// Marks `x` [B, S, D] as a token sequence the sharding pass may split along axis 1.
+    pub fn seq(&mut self, x: Id) -> Result<Id, IrError> {
+        self.add(Op::Seq(x))
+    }
+
     // ------------------------------------------------------------------ embeddings
 
     pub fn timestep_embedding(

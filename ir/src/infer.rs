@@ -3,7 +3,7 @@
 
 use egg::{Id, Language};
 
-use crate::meta::{Meta, ShapeDisplay, TensorMeta};
+use crate::meta::{Dist, Meta, ShapeDisplay, TensorMeta, MESH_AXES};
 use crate::{DType, IrError, Op};
 
 /// Numpy broadcasting of two shapes, or `None` when they are incompatible.
@@ -89,7 +89,118 @@ fn f32_tensor(shape: Vec<usize>) -> Meta {
 }
 
 /// Infers the meta of `op` given its children's metas.
-pub fn infer<'a>(op: &'a Op, get: impl Fn(Id) -> &'a Meta) -> Result<Meta, IrError> {
+pub fn infer<'a>(op: &'a Op, get: impl Fn(Id) -> &'a Meta + Copy) -> Result<Meta, IrError> {
+    let mut meta = infer_shape(op, get)?;
+    if let Meta::Tensor(t) = &mut meta {
+        if t.dist == Dist::Replicated {
+            t.dist = propagate_dist(op, get, &t.shape);
+        }
+    }
+    Ok(meta)
+}
+
+/// Where the output of `op` lives when an operand is split: ops that work row by row keep
+/// the split (on the same axis, counted from the right for broadcasting operands), layout
+/// ops move it, gathers end it. An annotation for dumps and the cost model.
+fn propagate_dist<'a>(op: &'a Op, get: impl Fn(Id) -> &'a Meta, out: &[usize]) -> Dist {
+    let split_of = |id: Id| match get(id) {
+        Meta::Tensor(t) => match &t.dist {
+            Dist::Split { .. } => Some((t.shape.len(), t.dist.clone())),
+            Dist::Replicated => None,
+        },
+        _ => None,
+    };
+    let first_split = |ids: &[Id]| ids.iter().find_map(|&i| split_of(i));
+    let realign = |(rank, d): (usize, Dist)| match d {
+        Dist::Split {
+            axis,
+            parts,
+            mesh_axis,
+        } if out.len() + axis >= rank => Dist::Split {
+            axis: out.len() + axis - rank,
+            parts,
+            mesh_axis,
+        },
+        _ => Dist::Replicated,
+    };
+    match op {
+        Op::AllGather(_) | Op::Outputs(_) => Dist::Replicated,
+        Op::Permute(ch) => match split_of(ch[0]) {
+            Some((
+                _,
+                Dist::Split {
+                    axis,
+                    parts,
+                    mesh_axis,
+                },
+            )) => {
+                let perm: Vec<i64> = ch[1..]
+                    .iter()
+                    .filter_map(|&p| match get(p) {
+                        Meta::Int(i) => Some(*i),
+                        _ => None,
+                    })
+                    .collect();
+                match perm.iter().position(|&p| p as usize == axis) {
+                    Some(a) => Dist::Split {
+                        axis: a,
+                        parts,
+                        mesh_axis,
+                    },
+                    None => Dist::Replicated,
+                }
+            }
+            _ => Dist::Replicated,
+        },
+        Op::Reshape(ch) => match (split_of(ch[0]), get(ch[0])) {
+            (Some((_, d @ Dist::Split { axis, .. })), Meta::Tensor(x))
+                if out.len() > axis && x.shape[..=axis] == out[..=axis] =>
+            {
+                d
+            }
+            _ => Dist::Replicated,
+        },
+        Op::Concat(ch) => first_split(&ch[1..]).map(realign).unwrap_or_default(),
+        other => first_split(other.children())
+            .map(realign)
+            .unwrap_or_default(),
+    }
+}
+
+/// (local, valid) row counts of the segments in `ids` (pairs of integer attributes).
+fn segments<'a, F: Fn(Id) -> &'a Meta>(
+    c: &Ctx<'a, F>,
+    ids: &[Id],
+    parts: usize,
+) -> Result<Vec<(usize, usize)>, IrError> {
+    if ids.is_empty() || ids.len() % 2 != 0 {
+        return Err(c.err("segments must be pairs `LOCAL VALID`"));
+    }
+    let segs: Vec<(usize, usize)> = ids
+        .chunks(2)
+        .map(|p| Ok((c.usize(p[0])?, c.usize(p[1])?)))
+        .collect::<Result<_, IrError>>()?;
+    for &(local, valid) in &segs {
+        if parts == 0 || valid == 0 || local != valid.div_ceil(parts) {
+            return Err(c.err(format!(
+                "segment of {valid} rows over {parts} ranks must hold {} rows per rank, not {local}",
+                valid.div_ceil(parts.max(1))
+            )));
+        }
+    }
+    Ok(segs)
+}
+
+fn mesh_axis<'a, F: Fn(Id) -> &'a Meta>(c: &Ctx<'a, F>, id: Id) -> Result<usize, IrError> {
+    let name = c.name(id)?;
+    MESH_AXES.iter().position(|&m| m == name).ok_or_else(|| {
+        c.err(format!(
+            "unknown mesh axis `{name}` (expected one of {MESH_AXES:?})"
+        ))
+    })
+}
+
+fn infer_shape<'a>(op: &'a Op, get: impl Fn(Id) -> &'a Meta) -> Result<Meta, IrError> {
     let c = Ctx { op, get };
     match op {
         Op::Int(i) => Ok(Meta::Int(*i)),
@@ -363,6 +474,86 @@ pub fn infer<'a>(op: &'a Op, get: impl Fn(Id) -> &'a Meta) -> Result<Meta, IrErr
                 return Err(c.err(format!("cos/sin must be {}", ShapeDisplay(&want))));
             }
             Ok(f32_tensor(x.shape.clone()))
+        }
+        Op::Seq(x) => {
+            let x = c.tensor(*x)?;
+            if x.shape.len() != 3 {
+                return Err(c.err("a token sequence is [B, S, D]"));
+            }
+            Ok(Meta::Tensor(x.clone()))
+        }
+        Op::Shard(ch) | Op::AllGather(ch) => {
+            if ch.len() < 6 {
+                return Err(c.err("expected x AXIS MESH PARTS and segments"));
+            }
+            let x = c.tensor(ch[0])?;
+            let axis = c.usize(ch[1])?;
+            let mesh = mesh_axis(&c, ch[2])?;
+            let parts = c.usize(ch[3])?;
+            let segs = segments(&c, &ch[4..], parts)?;
+            if axis >= x.shape.len() {
+                return Err(c.err(format!("axis {axis} out of range")));
+            }
+            let local: usize = segs.iter().map(|s| s.0).sum();
+            let valid: usize = segs.iter().map(|s| s.1).sum();
+            let shard = matches!(op, Op::Shard(_));
+            let (have, want) = if shard {
+                (valid, local)
+            } else {
+                (local, valid)
+            };
+            if x.shape[axis] != have {
+                return Err(c.err(format!(
+                    "axis {axis} has {} rows but the segments need {have}",
+                    x.shape[axis]
+                )));
+            }
+            let mut shape = x.shape.clone();
+            shape[axis] = want;
+            let mut t = TensorMeta::new(shape, x.dtype);
+            if shard {
+                t.dist = Dist::Split {
+                    axis,
+                    parts,
+                    mesh_axis: mesh,
+                };
+            }
+            Ok(Meta::Tensor(t))
+        }
+        Op::SeqAttention(ch) => {
+            if ch.len() < 8 {
+                return Err(c.err("expected q k v HEADS SCALE METHOD and key segments"));
+            }
+            let (q, k, v) = (c.tensor(ch[0])?, c.tensor(ch[1])?, c.tensor(ch[2])?);
+            let heads = c.usize(ch[3])?;
+            c.float(ch[4])?;
+            let method = c.name(ch[5])?;
+            if !matches!(method.as_str(), "ulysses" | "ring" | "usp") {
+                return Err(c.err(format!("unknown method `{method}` (ulysses, ring, usp)")));
+            }
+            if ch[6..].len() % 2 != 0 {
+                return Err(c.err("key segments must be pairs `LOCAL VALID`"));
+            }
+            let key_rows: usize = ch[6..]
+                .chunks(2)
+                .map(|p| c.usize(p[0]))
+                .sum::<Result<usize, _>>()?;
+            if q.shape.len() != 3 || k.shape != v.shape || k.shape.len() != 3 {
+                return Err(c.err("q, k, v must be [B, S, heads*head_dim], k and v alike"));
+            }
+            if q.shape[0] != k.shape[0] || q.shape[2] != k.shape[2] {
+                return Err(c.err("q and k differ in batch or width"));
+            }
+            if heads == 0 || q.shape[2] % heads != 0 {
+                return Err(c.err(format!("{heads} heads do not divide the widths")));
+            }
+            if k.shape[1] != key_rows {
+                return Err(c.err(format!(
+                    "k has {} rows but the key segments hold {key_rows}",
+                    k.shape[1]
+                )));
+            }
+            Ok(f32_tensor(q.shape.clone()))
         }
         Op::Fused(ch) => {
             if ch.is_empty() {

@@ -10,6 +10,9 @@ use crate::DType;
 
 /// How a tensor is laid out over the ranks. Filled by the sharding passes; everything the
 /// model builders produce is `Replicated`.
+/// Names of the mesh axes, as the IR text spells them (`Dist::Split::mesh_axis` indexes it).
+pub const MESH_AXES: [&str; 4] = ["cfg", "sp", "ulysses", "ring"];
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum Dist {
     #[default]
@@ -22,11 +25,19 @@ pub enum Dist {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Eq, Hash)]
 pub struct TensorMeta {
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub dist: Dist,
+}
+
+// The distribution is an annotation derived from the ops (shown in dumps); two tensors are
+// the same value when shape and dtype agree, whatever form produced them.
+impl PartialEq for TensorMeta {
+    fn eq(&self, other: &TensorMeta) -> bool {
+        self.shape == other.shape && self.dtype == other.dtype
+    }
 }
 
 impl TensorMeta {
@@ -102,7 +113,22 @@ impl fmt::Display for ShapeDisplay<'_> {
 impl fmt::Display for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Meta::Tensor(t) => write!(f, "{}{}", t.dtype, ShapeDisplay(&t.shape)),
+            Meta::Tensor(t) => {
+                write!(f, "{}{}", t.dtype, ShapeDisplay(&t.shape))?;
+                if let Dist::Split {
+                    axis,
+                    parts,
+                    mesh_axis,
+                } = &t.dist
+                {
+                    write!(
+                        f,
+                        " split(axis {axis}, {parts} ranks, mesh {})",
+                        MESH_AXES[*mesh_axis]
+                    )?;
+                }
+                Ok(())
+            }
             Meta::Int(i) => write!(f, "{i}"),
             Meta::Float(x) => write!(f, "{x:?}"),
             Meta::Name(s) => write!(f, "{s}"),

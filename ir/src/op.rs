@@ -120,6 +120,21 @@ define_language! {
         // `rope x cos sin`: x[B,S,H,D], cos/sin[S,D]; interleaved-pair rotation.
         "rope" = Rope([Id; 3]),
 
+        // ---- sequence parallelism ----
+        // `seq x`: marks x[B, S, D] as a token sequence that may be split across ranks
+        // along axis 1 (placed by the model builders; an identity otherwise).
+        "seq" = Seq(Id),
+        // `shard x AXIS MESH PARTS L0 V0 L1 V1 ...`: this rank's rows of x along AXIS. The
+        // axis is a concatenation of segments of V_i valid rows; each is padded to
+        // PARTS * L_i rows and split evenly (L_i rows per rank, zeros past V_i).
+        "shard" = Shard(Box<[Id]>),
+        // `all_gather x AXIS MESH PARTS L0 V0 ...`: the inverse of shard (padding dropped).
+        "all_gather" = AllGather(Box<[Id]>),
+        // `seq_attention q k v HEADS SCALE METHOD L0 V0 ...`: attention of this rank's query
+        // rows over every sequence-parallel rank's keys; k/v rows laid out as the segments.
+        // METHOD: ulysses, ring or usp.
+        "seq_attention" = SeqAttention(Box<[Id]>),
+
         // ---- formed by passes ----
         // `fused KERNEL a0 a1 ...`: an elementwise kernel whose body is `Graph::kernels[KERNEL]`.
         "fused" = Fused(Box<[Id]>),

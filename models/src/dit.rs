@@ -233,7 +233,9 @@ impl DiTConfig {
         // default interpolation_scale 1 (DiT does not pass one).
         let x = layers::patch_embed(&mut g, hs, "pos_embed.proj", c, d, p)?;
         let pos = g.sincos_pos_embed(d, gh, gw, (self.sample_size / p) as f64, 1.0)?;
-        let mut x = g.add_(x, pos)?;
+        let x = g.add_(x, pos)?;
+        // The image token stream: what sequence parallelism splits across ranks.
+        let mut x = g.seq(x)?;
 
         let mut cond0 = None;
         for i in 0..self.num_layers {

@@ -338,7 +338,9 @@ impl FluxConfig {
             None
         };
 
-        let mut x = layers::linear(&mut g, hs, "x_embedder", self.in_channels, d, true)?;
+        let x = layers::linear(&mut g, hs, "x_embedder", self.in_channels, d, true)?;
+        // The image token stream: what sequence parallelism splits across ranks.
+        let mut x = g.seq(x)?;
         let ts = g.mul_scalar(ts, TIME_SCALE)?;
         let temb = layers::combined_timestep_text_proj(
             &mut g,
@@ -349,7 +351,7 @@ impl FluxConfig {
             self.pooled_projection_dim,
             d,
         )?;
-        let mut c = layers::linear(
+        let c = layers::linear(
             &mut g,
             ehs,
             "context_embedder",
@@ -357,6 +359,8 @@ impl FluxConfig {
             d,
             true,
         )?;
+        // The text stream joins the image in every attention: split it with the image.
+        let mut c = g.seq(c)?;
 
         let ids = g.concat(0, &[txt_ids, img_ids])?;
         let (cos, sin) = g.rope_tables(ids, ROPE_THETA, &self.axes_dims_rope)?;

@@ -338,7 +338,9 @@ impl PixArtConfig {
             (self.sample_size / p) as f64,
             self.interpolation_scale(),
         )?;
-        let mut x = g.add_(x, pos)?;
+        let x = g.add_(x, pos)?;
+        // The image token stream: what sequence parallelism splits across ranks.
+        let mut x = g.seq(x)?;
 
         // AdaLayerNormSingle: returns linear(SiLU(emb)) for the blocks and emb itself
         // ("embedded_timestep") for the final layer.

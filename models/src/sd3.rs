@@ -368,7 +368,9 @@ impl Sd3Config {
 
         let x = layers::patch_embed(&mut g, hs, "pos_embed.proj", self.in_channels, d, p)?;
         let pos = self.pos_embed(&mut g, gh, gw)?;
-        let mut x = g.add_(x, pos)?;
+        let x = g.add_(x, pos)?;
+        // The image token stream: what sequence parallelism splits across ranks.
+        let mut x = g.seq(x)?;
 
         let temb = layers::combined_timestep_text_proj(
             &mut g,
@@ -379,7 +381,7 @@ impl Sd3Config {
             self.pooled_projection_dim,
             d,
         )?;
-        let mut c = layers::linear(
+        let c = layers::linear(
             &mut g,
             ehs,
             "context_embedder",
@@ -387,6 +389,8 @@ impl Sd3Config {
             self.caption_projection_dim,
             true,
         )?;
+        // The text stream joins the image in every attention: split it with the image.
+        let mut c = g.seq(c)?;
 
         for i in 0..self.num_layers {
             let pre_only = i + 1 == self.num_layers;

@@ -63,7 +63,9 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
 ) {
-    attention_impl(q, k, v, batch, sq, sk, heads, head_dim, scale, out, None);
+    attention_impl(
+        q, k, v, batch, sq, sk, heads, head_dim, scale, None, out, None,
+    );
 }
 
 /// [`attention`] that also writes `lse[batch, heads, sq]`, the natural-log
@@ -93,8 +95,37 @@ pub fn attention_lse(
         heads,
         head_dim,
         scale,
+        None,
         out,
         Some(lse),
+    );
+}
+
+/// [`attention`] over a subset of the keys: key `j` takes part iff
+/// `key_valid[j]` (`None`: all keys), for every batch, head and query alike.
+/// This is how sequence-parallel attention ignores the padding rows of
+/// segments that do not divide the degree. Masked keys get a `-inf` score, so
+/// they contribute exactly nothing (their value rows are multiplied by 0 and
+/// must be finite). When no key is valid, `out` is 0 and `lse` is `-inf` — the
+/// neutral element of the ring-attention merge. `lse`, when given, is
+/// `[batch, heads, sq]` as in [`attention_lse`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    sq: usize,
+    sk: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+    key_valid: Option<&[bool]>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
+    attention_impl(
+        q, k, v, batch, sq, sk, heads, head_dim, scale, key_valid, out, lse,
     );
 }
 
@@ -109,6 +140,7 @@ fn attention_impl(
     heads: usize,
     head_dim: usize,
     scale: f32,
+    key_valid: Option<&[bool]>,
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) {
@@ -121,10 +153,24 @@ fn attention_impl(
     if let Some(l) = &lse {
         assert!(l.len() >= batch * heads * sq, "attention: lse too short");
     }
+    if let Some(m) = key_valid {
+        assert_eq!(m.len(), sk, "attention: key mask length != sk");
+    }
     if batch == 0 || sq == 0 || heads == 0 {
         return;
     }
-    if sk == 0 {
+    // The masked key indices, listed once: padding is a handful of rows, so
+    // overwriting their scores is cheaper than testing every score.
+    let masked: Vec<usize> = key_valid.map_or_else(Vec::new, |m| {
+        m.iter()
+            .enumerate()
+            .filter(|(_, &ok)| !ok)
+            .map(|(j, _)| j)
+            .collect()
+    });
+    // No valid key at all (also sk == 0): every row would be softmax over
+    // nothing; define it as the merge identity instead of NaN.
+    if sk == 0 || masked.len() == sk {
         out[..batch * sq * hd].fill(0.0);
         if let Some(l) = lse {
             l[..batch * heads * sq].fill(f32::NEG_INFINITY);
@@ -189,6 +235,11 @@ fn attention_impl(
         }
 
         for (i, row) in scores.chunks_exact_mut(sk).enumerate() {
+            for &j in &masked {
+                row[j] = f32::NEG_INFINITY;
+            }
+            // At least one key is valid, so the row max is finite and the
+            // masked entries become exp(-inf) = 0.
             let (m, s) = softmax_exp_inplace(row);
             inv_sum[i] = 1.0 / s;
             if let Some(l) = lse_ptr {
@@ -252,8 +303,17 @@ mod tests {
         hd: usize,
     }
 
-    /// Returns (out, lse) in f64.
-    fn naive(q: &[f32], k: &[f32], v: &[f32], c: &Case, scale: f32) -> (Vec<f64>, Vec<f64>) {
+    /// Returns (out, lse) in f64; keys with `mask[j] == false` are left out
+    /// (no valid key: out 0, lse -inf).
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        c: &Case,
+        scale: f32,
+        mask: Option<&[bool]>,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let valid = |j: usize| mask.is_none_or(|m| m[j]);
         let hdim = c.heads * c.hd;
         let mut out = vec![0.0f64; c.batch * c.sq * hdim];
         let mut lse = vec![0.0f64; c.batch * c.heads * c.sq];
@@ -267,12 +327,22 @@ mod tests {
                         let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
                         *sj = dot * scale as f64;
                     }
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|&x| (x - m).exp()).sum();
+                    let m = (0..c.sk)
+                        .filter(|&j| valid(j))
+                        .map(|j| s[j])
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    if m == f64::NEG_INFINITY {
+                        lse[(b * c.heads + h) * c.sq + i] = m;
+                        continue;
+                    }
+                    let z: f64 = (0..c.sk)
+                        .filter(|&j| valid(j))
+                        .map(|j| (s[j] - m).exp())
+                        .sum();
                     lse[(b * c.heads + h) * c.sq + i] = m + z.ln();
                     for d in 0..c.hd {
                         let mut acc = 0.0;
-                        for (j, &sj) in s.iter().enumerate() {
+                        for (j, &sj) in s.iter().enumerate().filter(|&(j, _)| valid(j)) {
                             acc +=
                                 (sj - m).exp() / z * v[(b * c.sk + j) * hdim + h * c.hd + d] as f64;
                         }
@@ -295,7 +365,7 @@ mod tests {
         let k = rng.vec(c.batch * c.sk * hdim);
         let v = rng.vec(c.batch * c.sk * hdim);
         let scale = 1.0 / (c.hd as f32).sqrt();
-        let (want, want_lse) = naive(&q, &k, &v, &c, scale);
+        let (want, want_lse) = naive(&q, &k, &v, &c, scale, None);
 
         let mut out = vec![f32::NAN; want.len()];
         attention(
@@ -310,6 +380,116 @@ mod tests {
         );
         assert_close(&out, &want, 1e-5);
         assert_close(&lse, &want_lse, 1e-5);
+
+        // The masked entry point with no mask (and with an all-true mask) is
+        // the same computation.
+        let all = vec![true; c.sk];
+        for mask in [None, Some(all.as_slice())] {
+            let mut out = vec![f32::NAN; want.len()];
+            let mut lse = vec![f32::NAN; want_lse.len()];
+            attention_masked(
+                &q,
+                &k,
+                &v,
+                c.batch,
+                c.sq,
+                c.sk,
+                c.heads,
+                c.hd,
+                scale,
+                mask,
+                &mut out,
+                Some(&mut lse),
+            );
+            assert_close(&out, &want, 1e-5);
+            assert_close(&lse, &want_lse, 1e-5);
+        }
+    }
+
+    /// Masked attention against the f64 reference that leaves the keys out.
+    fn check_masked(c: Case, mask: &[bool], seed: u64) {
+        let mut rng = Rng::new(seed);
+        let hdim = c.heads * c.hd;
+        let q = rng.vec(c.batch * c.sq * hdim);
+        // Large values in the masked rows: if they leaked into the softmax or
+        // the output, the error would show.
+        let mut k = rng.vec(c.batch * c.sk * hdim);
+        let mut v = rng.vec(c.batch * c.sk * hdim);
+        for b in 0..c.batch {
+            for (j, _) in mask.iter().enumerate().filter(|(_, &ok)| !ok) {
+                let row = (b * c.sk + j) * hdim;
+                k[row..row + hdim].fill(30.0);
+                v[row..row + hdim].fill(1e6);
+            }
+        }
+        let scale = 1.0 / (c.hd as f32).sqrt();
+        let (want, want_lse) = naive(&q, &k, &v, &c, scale, Some(mask));
+        let mut out = vec![f32::NAN; want.len()];
+        let mut lse = vec![f32::NAN; want_lse.len()];
+        attention_masked(
+            &q,
+            &k,
+            &v,
+            c.batch,
+            c.sq,
+            c.sk,
+            c.heads,
+            c.hd,
+            scale,
+            Some(mask),
+            &mut out,
+            Some(&mut lse),
+        );
+        assert_close(&out, &want, 1e-5);
+        if mask.iter().any(|&ok| ok) {
+            assert_close(&lse, &want_lse, 1e-5);
+        } else {
+            assert!(out.iter().all(|&x| x == 0.0));
+            assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
+        }
+        // Without the LSE output the result is the same.
+        let mut out2 = vec![f32::NAN; want.len()];
+        attention_masked(
+            &q,
+            &k,
+            &v,
+            c.batch,
+            c.sq,
+            c.sk,
+            c.heads,
+            c.hd,
+            scale,
+            Some(mask),
+            &mut out2,
+            None,
+        );
+        assert_eq!(out, out2);
+    }
+
+    #[test]
+    fn masked_keys() {
+        let case = |batch, sq, sk, heads, hd| Case {
+            batch,
+            sq,
+            sk,
+            heads,
+            hd,
+        };
+        // Trailing padding (a segment that does not divide the degree).
+        let mut m = vec![true; 16];
+        m[13..].fill(false);
+        check_masked(case(2, 5, 16, 3, 4), &m, 11);
+        // Padding in the middle (image segment padding, then text rows).
+        let m: Vec<bool> = (0..19).map(|j| !(10..15).contains(&j)).collect();
+        check_masked(case(1, 40, 19, 2, 8), &m, 12);
+        // A single valid key.
+        let m: Vec<bool> = (0..9).map(|j| j == 4).collect();
+        check_masked(case(2, 3, 9, 2, 4), &m, 13);
+        // Nothing valid: out 0, lse -inf.
+        check_masked(case(2, 3, 6, 2, 4), &[false; 6], 14);
+        // Long keys with blocked queries (parallel path).
+        let m: Vec<bool> = (0..600).map(|j| j % 7 != 3).collect();
+        check_masked(case(1, 70, 600, 2, 16), &m, 15);
     }
 
     #[test]
