@@ -25,7 +25,7 @@ pub enum Dist {
     },
 }
 
-#[derive(Clone, Debug, Eq, Hash)]
+#[derive(Clone, Debug, Eq)]
 pub struct TensorMeta {
     pub shape: Vec<usize>,
     pub dtype: DType,
