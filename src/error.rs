@@ -19,6 +19,9 @@ pub enum Error {
     /// results works in functions returning `ditto::Error`.
     #[error(transparent)]
     Pipeline(#[from] crate::PipelineError),
+    /// A rank of a parallel run failed (the message names it).
+    #[error("{0}")]
+    Rank(String),
     #[error("bad input: {0}")]
     Input(String),
     #[error("{path}: {reason}")]

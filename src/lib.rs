@@ -20,7 +20,9 @@
 pub mod bench;
 mod error;
 mod model;
+pub mod parallel;
 pub mod pipeline;
+pub mod report;
 
 pub use ditto_codegen as codegen;
 pub use ditto_ir as ir;
@@ -32,7 +34,7 @@ pub use ditto_codegen::Program;
 pub use ditto_models::tensor_file::{read_tensors, write_tensors, HostTensor};
 pub use ditto_models::{BuildOptions, Shapes, Summary};
 pub use error::Error;
-pub use model::{CompileOptions, Compiled, Model, Session};
+pub use model::{CompileOptions, Compiled, Model, Parallel, Session};
 pub use pipeline::{
     GenerateRequest, Generation, Noise, Pipeline, PipelineError, Progress, PromptEmbeds,
     TimestepSchedule,

@@ -60,9 +60,11 @@ struct ForwardArgs {
     /// Also write every block's outputs (`block.<list>.<i>.out<j>`).
     #[arg(long)]
     block_outputs: bool,
-    /// Print time per step kind.
+    #[command(flatten)]
+    parallel: ParallelArgs,
+    /// Print per-rank bytes sent per collective, next to the analytic volume.
     #[arg(long)]
-    profile: bool,
+    report: bool,
 }
 
 #[derive(Args, Clone)]
@@ -79,6 +81,85 @@ struct SizeArgs {
     /// Text tokens (default: the family's usual length).
     #[arg(long)]
     text_len: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct ParallelArgs {
+    /// Ranks that split the sequence with all-to-all (Ulysses), over the fastest links.
+    #[arg(long, default_value_t = 1)]
+    ulysses_degree: usize,
+    /// Ranks that split the sequence and pass K/V around a ring.
+    #[arg(long, default_value_t = 1)]
+    ring_degree: usize,
+    /// Run the negative and positive halves of a CFG batch on two rank groups.
+    #[arg(long)]
+    use_cfg_parallel: bool,
+    /// `auto`: let the cost model choose the layout for --world-size ranks.
+    #[arg(long)]
+    parallel: Option<String>,
+    /// Ranks for --parallel auto.
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// Link preset of the cost model: nvlink, pcie or ethernet.
+    #[arg(long, default_value = "nvlink")]
+    link: String,
+}
+
+impl ParallelArgs {
+    fn resolve(&self, model: &Model, shapes: &Shapes) -> Result<ditto::Parallel> {
+        let link = ditto::passes::shard_sequence::link_preset(&self.link)
+            .ok_or_else(|| anyhow!("unknown --link `{}` (nvlink, pcie or ethernet)", self.link))?;
+        match self.parallel.as_deref() {
+            Some("auto") => {
+                let n = self
+                    .world_size
+                    .ok_or_else(|| anyhow!("--parallel auto needs --world-size N"))?;
+                let (choice, candidates) = model.choose_parallel(shapes, n, link)?;
+                for (m, s) in &candidates {
+                    eprintln!(
+                        "  candidate cfg {} x ring {} x ulysses {}: {:.3} ms per forward",
+                        m.cfg,
+                        m.ring,
+                        m.ulysses,
+                        s * 1e3
+                    );
+                }
+                let m = choice.mesh;
+                eprintln!(
+                    "chose cfg {} x ring {} x ulysses {} for {n} ranks ({} link)",
+                    m.cfg, m.ring, m.ulysses, link.name
+                );
+                Ok(choice)
+            }
+            Some(other) => bail!("unknown --parallel `{other}` (only `auto`)"),
+            None => {
+                if self.ulysses_degree == 0 || self.ring_degree == 0 {
+                    bail!("--ulysses-degree and --ring-degree must be at least 1");
+                }
+                let mesh = ditto::ir::mesh::Mesh {
+                    cfg: if self.use_cfg_parallel { 2 } else { 1 },
+                    ring: self.ring_degree,
+                    ulysses: self.ulysses_degree,
+                };
+                if let Some(n) = self.world_size {
+                    if n != mesh.world_size() {
+                        bail!(
+                            "--world-size {n} but ulysses {} x ring {} x cfg {} = {} ranks",
+                            mesh.ulysses,
+                            mesh.ring,
+                            mesh.cfg,
+                            mesh.world_size()
+                        );
+                    }
+                }
+                Ok(ditto::Parallel {
+                    mesh,
+                    choice: ditto::passes::MethodChoice::Forced,
+                    link,
+                })
+            }
+        }
+    }
 }
 
 #[derive(Args)]
@@ -107,6 +188,8 @@ struct CompileArgs {
     /// Include block outputs in the Program.
     #[arg(long)]
     block_outputs: bool,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 #[derive(Args)]
@@ -190,29 +273,27 @@ fn forward(a: ForwardArgs) -> Result<()> {
         .map(|(k, v)| (k.clone(), v.shape.clone()))
         .collect();
     let shapes = model.family().shapes_from_inputs(&shapes)?;
+    let parallel = a.parallel.resolve(&model, &shapes)?;
     let opts = CompileOptions {
         block_outputs: a.block_outputs,
+        parallel,
         ..Default::default()
     };
-    let mut session = model.session(&shapes, &opts)?;
+    let ranks = model.ranks(&shapes, &opts, Default::default())?;
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let outs = session.run(&inputs)?;
+    let (outs, stats) = ranks.run(&inputs)?;
     eprintln!(
-        "{}: forward in {:.3}s (compile + load {:.3}s)",
+        "{}: forward in {:.3}s on {} rank(s) (compile + load {:.3}s)",
         model.family().class_name(),
         t1.elapsed().as_secs_f64(),
+        ranks.program().mesh.world_size(),
         compile_s
     );
-    if a.profile {
-        print_profile(&mut session, &inputs)?;
+    if a.report {
+        print!("{}", ditto::report::communication(ranks.program(), &stats));
     }
     write_outputs(&a.out, &outs, a.block_outputs)?;
-    Ok(())
-}
-
-fn print_profile(session: &mut Session, inputs: &BTreeMap<String, HostTensor>) -> Result<()> {
-    let _ = (session, inputs);
     Ok(())
 }
 
@@ -274,12 +355,14 @@ fn inspect(a: InspectArgs) -> Result<()> {
 fn compile(a: CompileArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let shapes = shapes_for(&model, &a.size)?;
+    let parallel = a.parallel.resolve(&model, &shapes)?;
     let compiled = model.compile(
         &shapes,
         &CompileOptions {
             block_outputs: a.block_outputs,
             dump_dir: a.dump_dir.clone(),
             verify: a.verify,
+            parallel,
         },
     )?;
     println!(

@@ -6,14 +6,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ditto_codegen::Program;
+use ditto_ir::mesh::Mesh;
 use ditto_ir::Graph;
 use ditto_models::checkpoint::Checkpoint;
 use ditto_models::family::{self, ModelFamily};
 use ditto_models::tensor_file::HostTensor;
 use ditto_models::{BuildOptions, Shapes};
-use ditto_passes::{PassReport, Pipeline, RunOptions};
+use ditto_passes::shard_sequence::Link;
+use ditto_passes::{
+    Canonicalize, FuseElementwise, MethodChoice, PassReport, Pipeline, RunOptions, ShardSequence,
+    Verify,
+};
+use ditto_runtime::comm::{CommStats, Communicator};
 use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
 
+use crate::parallel::{RankOptions, Ranks};
 use crate::Error;
 
 /// A model in diffusers' layout (`config.json` + safetensors weights), usually a folder.
@@ -31,6 +38,28 @@ pub struct CompileOptions {
     pub dump_dir: Option<PathBuf>,
     /// Run the verifier after every pass.
     pub verify: bool,
+    /// How the program is split across ranks (one rank by default).
+    pub parallel: Parallel,
+}
+
+/// The parallel layout to compile for.
+#[derive(Clone, Debug)]
+pub struct Parallel {
+    pub mesh: Mesh,
+    /// Forced: the mesh's own method at every attention; Auto: the cost model picks.
+    pub choice: MethodChoice,
+    /// The link preset of the cost model (`nvlink`, `pcie`, `ethernet`).
+    pub link: Link,
+}
+
+impl Default for Parallel {
+    fn default() -> Self {
+        Parallel {
+            mesh: Mesh::default(),
+            choice: MethodChoice::Forced,
+            link: ditto_passes::shard_sequence::NVLINK,
+        }
+    }
 }
 
 /// A compiled program with the pass pipeline's report.
@@ -86,14 +115,23 @@ impl Model {
     /// Builds the graph, runs the pass pipeline and lowers it to a Program.
     pub fn compile(&self, shapes: &Shapes, opts: &CompileOptions) -> Result<Compiled, Error> {
         let graph = self.graph(shapes, opts.block_outputs)?;
-        let (graph, reports) = Pipeline::default_cpu().run(
+        let p = &opts.parallel;
+        let shard = ShardSequence::new(p.mesh, p.choice.clone(), p.link);
+        let pipeline = Pipeline::new(vec![
+            Box::new(Verify),
+            Box::new(shard),
+            Box::new(Canonicalize::default()),
+            Box::new(FuseElementwise),
+            Box::new(Verify),
+        ]);
+        let (graph, reports) = pipeline.run(
             graph,
             &RunOptions {
                 dump_dir: opts.dump_dir.clone(),
                 verify_each: opts.verify,
             },
         )?;
-        let program = ditto_codegen::lower(&graph)?;
+        let program = ditto_codegen::lower_for_mesh(&graph, p.mesh)?;
         Ok(Compiled {
             program,
             reports,
@@ -109,6 +147,63 @@ impl Model {
             .map(|b| self.checkpoint.load_f32(&b.name, &b.shape))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(weights))
+    }
+
+    /// Picks the mesh for `world_size` ranks with the cost model: every CFG degree (2 when
+    /// the batch is a pair) and every Ring x Ulysses factorization of the rest is sharded and
+    /// costed; the cheapest wins. Returns the choice and every candidate's predicted seconds.
+    pub fn choose_parallel(
+        &self,
+        shapes: &Shapes,
+        world_size: usize,
+        link: Link,
+    ) -> Result<(Parallel, Vec<(Mesh, f64)>), Error> {
+        if world_size == 0 {
+            return Err(Error::Input("--world-size must be at least 1".into()));
+        }
+        let graph = self.graph(shapes, false)?;
+        let mut candidates = Vec::new();
+        for cfg in [1, 2] {
+            if world_size % cfg != 0 || (cfg == 2 && shapes.batch % 2 != 0) {
+                continue;
+            }
+            let sp = world_size / cfg;
+            for ulysses in (1..=sp).filter(|u| sp % u == 0) {
+                let mesh = Mesh {
+                    cfg,
+                    ring: sp / ulysses,
+                    ulysses,
+                };
+                let shard = ShardSequence::new(mesh, MethodChoice::Auto, link);
+                let predicted = shard.plan(&graph)?.1.predicted_s;
+                candidates.push((mesh, predicted));
+            }
+        }
+        let best = candidates
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(m, _)| *m)
+            .unwrap_or_default();
+        Ok((
+            Parallel {
+                mesh: best,
+                choice: MethodChoice::Auto,
+                link,
+            },
+            candidates,
+        ))
+    }
+
+    /// The ranks of a (possibly parallel) program for `shapes`, ready to run in-process.
+    pub fn ranks(
+        &self,
+        shapes: &Shapes,
+        opts: &CompileOptions,
+        rank_opts: RankOptions,
+    ) -> Result<Ranks, Error> {
+        let compiled = self.compile(shapes, opts)?;
+        let weights = self.load_weights(&compiled.program)?;
+        Ok(Ranks::new(Arc::new(compiled.program), weights, rank_opts))
     }
 
     /// A ready-to-run session for `shapes`.
@@ -138,7 +233,10 @@ impl Model {
             .map(|(k, v)| (k.clone(), v.shape.clone()))
             .collect();
         let shapes = self.family.shapes_from_inputs(&shapes)?;
-        self.session(&shapes, opts)?.run(inputs)
+        Ok(self
+            .ranks(&shapes, opts, RankOptions::default())?
+            .run(inputs)?
+            .0)
     }
 }
 
@@ -152,6 +250,23 @@ impl Session {
         Ok(Session {
             executor: CpuExecutor::new(program, weights)?,
         })
+    }
+
+    /// Rank `rank` of a multi-rank program, talking to the others through `comm`.
+    pub fn with_comm(
+        program: Arc<Program>,
+        weights: Weights,
+        rank: usize,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Session, Error> {
+        Ok(Session {
+            executor: CpuExecutor::with_comm(program, weights, rank, comm)?,
+        })
+    }
+
+    /// Bytes this rank sent, per collective (multi-rank sessions).
+    pub fn comm_stats(&self) -> Option<&CommStats> {
+        self.executor.comm_stats()
     }
 
     pub fn program(&self) -> &Program {

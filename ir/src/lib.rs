@@ -13,6 +13,7 @@ mod dtype;
 mod error;
 mod graph;
 pub mod infer;
+pub mod mesh;
 pub mod meta;
 mod op;
 pub mod text;

@@ -11,7 +11,7 @@
 //! [`Graph::from_recexpr`], which re-infers and re-checks every node, keeping only what
 //! the outputs reach.
 
-mod extract;
+pub(crate) mod extract;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};

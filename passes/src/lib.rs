@@ -16,6 +16,7 @@ pub mod canonicalize;
 pub mod fuse_elementwise;
 mod order;
 mod pipeline;
+pub mod shard_sequence;
 pub mod verify;
 
 use ditto_ir::{Graph, IrError};
@@ -25,6 +26,7 @@ pub use canonicalize::{Canonicalize, Limits};
 pub use fuse_elementwise::FuseElementwise;
 pub(crate) use order::{ordered, pruned_in_order, retain_used_kernels};
 pub use pipeline::{pass_by_name, PassReport, Pipeline, RunOptions, PASS_NAMES};
+pub use shard_sequence::{MethodChoice, ShardPlan, ShardSequence};
 pub use verify::Verify;
 
 /// One graph-to-graph step of the compiler.

@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod cpu;
+pub mod parallel;
 pub mod scheduler;
 
 use thiserror::Error;
@@ -14,4 +15,6 @@ pub enum RuntimeError {
     Input(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    #[error("communication: {0}")]
+    Comm(#[from] comm::CommError),
 }

@@ -7,15 +7,23 @@ use ditto_codegen::{Program, Step, Storage, ValueId};
 
 use super::fused::run_fused;
 use super::kernels::{attention, conv, embed, gemm, layout, norm};
+use crate::comm::{CommStats, Communicator};
+use crate::parallel::{self, ParallelStats, RankCtx, SeqAttn};
 use crate::RuntimeError;
 
 /// Weights of a program, in `Program::weights` order, as f32.
 pub type Weights = Arc<Vec<Vec<f32>>>;
 
+/// Executes one rank's copy of a Program. Multi-rank programs (a mesh of more than one
+/// rank) run one executor per rank, each with its rank and communicator.
 pub struct CpuExecutor {
     program: Arc<Program>,
     weights: Weights,
     buffers: Vec<Vec<f32>>,
+    rank: usize,
+    /// `None` for single-rank programs: their parallel steps need no communication.
+    comm: Option<Box<dyn Communicator>>,
+    parallel_stats: ParallelStats,
 }
 
 /// Time spent per step kind during one run.
@@ -37,7 +45,90 @@ impl Profile {
 }
 
 impl CpuExecutor {
+    /// An executor for a single-rank program (mesh of one rank; its parallel steps are
+    /// local: shard pads, gather drops the padding, sequence attention masks it).
     pub fn new(program: Arc<Program>, weights: Weights) -> Result<Self, RuntimeError> {
+        let world = program.mesh.world_size();
+        if world != 1 {
+            return Err(RuntimeError::Binding(format!(
+                "the program was compiled for a mesh of {world} rank(s) ({:?}); \
+                 run each rank with CpuExecutor::with_comm",
+                program.mesh
+            )));
+        }
+        Self::build(program, weights, 0, None)
+    }
+
+    /// An executor for rank `rank` of a multi-rank program, talking to the other ranks
+    /// through `comm` (whose world must be the program's mesh). On error the failure is
+    /// announced through `comm`, so peers already waiting for this rank learn why.
+    pub fn with_comm(
+        program: Arc<Program>,
+        weights: Weights,
+        rank: usize,
+        mut comm: Box<dyn Communicator>,
+    ) -> Result<Self, RuntimeError> {
+        match Self::check_comm(&program, rank, comm.as_ref()) {
+            Ok(()) => Self::build(program, weights, rank, Some(comm)),
+            Err(e) => {
+                comm.fail(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn check_comm(
+        program: &Program,
+        rank: usize,
+        comm: &dyn Communicator,
+    ) -> Result<(), RuntimeError> {
+        let world = program.mesh.world_size();
+        if rank >= world {
+            return Err(RuntimeError::Binding(format!(
+                "rank {rank} is outside the program's mesh of {world} rank(s) ({:?})",
+                program.mesh
+            )));
+        }
+        if comm.world_size() != world {
+            return Err(RuntimeError::Binding(format!(
+                "the communicator's world has {} rank(s), the program's mesh {world} ({:?})",
+                comm.world_size(),
+                program.mesh
+            )));
+        }
+        if comm.rank() != rank {
+            return Err(RuntimeError::Binding(format!(
+                "executor for rank {rank} was given the communicator of rank {}",
+                comm.rank()
+            )));
+        }
+        Ok(())
+    }
+
+    fn build(
+        program: Arc<Program>,
+        weights: Weights,
+        rank: usize,
+        mut comm: Option<Box<dyn Communicator>>,
+    ) -> Result<Self, RuntimeError> {
+        let checked = Self::check(&program, &weights);
+        if let (Err(e), Some(c)) = (&checked, comm.as_deref_mut()) {
+            c.fail(&e.to_string());
+        }
+        checked?;
+        let buffers = program.buffers.iter().map(|&n| vec![0.0; n]).collect();
+        Ok(CpuExecutor {
+            program,
+            weights,
+            buffers,
+            rank,
+            comm,
+            parallel_stats: ParallelStats::default(),
+        })
+    }
+
+    /// Weights against their bindings, and the parallel steps against the mesh.
+    fn check(program: &Program, weights: &Weights) -> Result<(), RuntimeError> {
         if weights.len() != program.weights.len() {
             return Err(RuntimeError::Binding(format!(
                 "the program needs {} weights, {} were given",
@@ -55,22 +146,45 @@ impl CpuExecutor {
                 )));
             }
         }
-        let buffers = program.buffers.iter().map(|&n| vec![0.0; n]).collect();
-        Ok(CpuExecutor {
-            program,
-            weights,
-            buffers,
-        })
+        for step in &program.steps {
+            parallel::validate(program, step)?;
+        }
+        Ok(())
     }
 
     pub fn program(&self) -> &Program {
         &self.program
     }
 
+    /// This executor's rank in the program's mesh (0 for single-rank programs).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Bytes and calls this rank put on the wire since creation or the last
+    /// [`reset_comm_stats`](Self::reset_comm_stats) (`None` without a communicator:
+    /// nothing was sent).
+    pub fn comm_stats(&self) -> Option<&CommStats> {
+        self.comm.as_deref().map(|c| c.stats())
+    }
+
+    /// Resets the traffic and parallel-step counters (e.g. after a warmup run).
+    pub fn reset_comm_stats(&mut self) {
+        if let Some(c) = self.comm.as_deref_mut() {
+            c.reset_stats();
+        }
+        self.parallel_stats = ParallelStats::default();
+    }
+
+    /// Counters of the parallel steps run so far (head padding added for Ulysses).
+    pub fn parallel_stats(&self) -> ParallelStats {
+        self.parallel_stats
+    }
+
     /// Runs the program on `inputs` (in `Program::inputs` order) and returns the outputs in
     /// `Program::outputs` order.
     pub fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        self.run_inner(inputs, None)
+        self.run_announced(inputs, None)
     }
 
     /// Like [`run`](Self::run), also timing each step kind.
@@ -79,8 +193,23 @@ impl CpuExecutor {
         inputs: &[&[f32]],
     ) -> Result<(Vec<Vec<f32>>, Profile), RuntimeError> {
         let mut p = Profile::default();
-        let out = self.run_inner(inputs, Some(&mut p))?;
+        let out = self.run_announced(inputs, Some(&mut p))?;
         Ok((out, p))
+    }
+
+    /// Runs, and on failure tells the other ranks at once: they may be waiting in a
+    /// collective for this rank, and would otherwise only leave it at the timeout. The
+    /// error they get names this rank and carries the reason.
+    fn run_announced(
+        &mut self,
+        inputs: &[&[f32]],
+        profile: Option<&mut Profile>,
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let result = self.run_inner(inputs, profile);
+        if let (Err(e), Some(comm)) = (&result, self.comm.as_deref_mut()) {
+            comm.fail(&e.to_string());
+        }
+        result
     }
 
     fn run_inner(
@@ -107,9 +236,10 @@ impl CpuExecutor {
                 )));
             }
         }
-        for step in &program.steps {
+        for (i, step) in program.steps.iter().enumerate() {
             let t0 = profile.as_ref().map(|_| Instant::now());
-            self.exec(&program, step, inputs)?;
+            self.exec(&program, step, inputs)
+                .map_err(|e| in_step(e, i, step))?;
             if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
                 p.add(step.kind(), t0.elapsed().as_secs_f64());
             }
@@ -122,13 +252,7 @@ impl CpuExecutor {
     }
 
     fn read<'a>(&'a self, p: &Program, v: ValueId, inputs: &[&'a [f32]]) -> &'a [f32] {
-        let val = &p.values[v];
-        let n = val.numel();
-        match val.storage {
-            Storage::Buffer(b) => &self.buffers[b][..n],
-            Storage::Weight(w) => &self.weights[w][..n],
-            Storage::Input(i) => &inputs[i][..n],
-        }
+        read_value(&self.buffers, &self.weights, p, v, inputs)
     }
 
     fn exec(&mut self, p: &Program, step: &Step, inputs: &[&[f32]]) -> Result<(), RuntimeError> {
@@ -143,7 +267,18 @@ impl CpuExecutor {
         // it is not one of them.
         let mut obuf = std::mem::take(&mut self.buffers[ob]);
         let out = &mut obuf[..n];
-        let r = |v: ValueId| self.read(p, v, inputs);
+        // Reads borrow only the buffers and weights, so the communicator and counters
+        // stay available to the parallel steps.
+        let (buffers, weights) = (&self.buffers, &self.weights);
+        let r = |v: ValueId| read_value(buffers, weights, p, v, inputs);
+        let mut ctx = RankCtx {
+            mesh: p.mesh,
+            rank: self.rank,
+            comm: match self.comm.as_mut() {
+                Some(c) => Some(c.as_mut()),
+                None => None,
+            },
+        };
         let shape = |v: ValueId| p.values[v].shape.as_slice();
         let mut result = Ok(());
         match step {
@@ -311,17 +446,91 @@ impl CpuExecutor {
                 let xs = shape(*x);
                 embed::apply_rope(r(*x), xs[0], xs[1], xs[2], xs[3], r(*cos), r(*sin), out)
             }
-            Step::Shard { .. } | Step::AllGather { .. } | Step::SeqAttention { .. } => {
-                result = Err(RuntimeError::Unsupported(format!(
-                    "`{}` needs a communicator",
-                    step.kind()
-                )));
+            Step::Shard {
+                x,
+                axis,
+                mesh,
+                segments,
+                ..
+            } => parallel::shard(&ctx, r(*x), shape(*x), *axis, *mesh, segments, out),
+            Step::AllGather {
+                x,
+                axis,
+                mesh,
+                segments,
+                ..
+            } => {
+                result =
+                    parallel::all_gather(&mut ctx, r(*x), shape(*x), *axis, *mesh, segments, out)
+            }
+            Step::SeqAttention {
+                q,
+                k,
+                v,
+                method,
+                batch,
+                sq,
+                sk,
+                heads,
+                head_dim,
+                scale,
+                key_segments,
+                ..
+            } => {
+                let a = SeqAttn {
+                    method: *method,
+                    batch: *batch,
+                    sq: *sq,
+                    sk: *sk,
+                    heads: *heads,
+                    head_dim: *head_dim,
+                    scale: *scale,
+                    key_segments,
+                };
+                result = parallel::seq_attention(
+                    &mut ctx,
+                    &a,
+                    r(*q),
+                    r(*k),
+                    r(*v),
+                    out,
+                    &mut self.parallel_stats,
+                );
             }
             Step::Fill { value, .. } => out.fill(*value),
             Step::Copy { x, .. } => out.copy_from_slice(r(*x)),
         }
         self.buffers[ob] = obuf;
         result
+    }
+}
+
+fn read_value<'a>(
+    buffers: &'a [Vec<f32>],
+    weights: &'a [Vec<f32>],
+    p: &Program,
+    v: ValueId,
+    inputs: &[&'a [f32]],
+) -> &'a [f32] {
+    let val = &p.values[v];
+    let n = val.numel();
+    match val.storage {
+        Storage::Buffer(b) => &buffers[b][..n],
+        Storage::Weight(w) => &weights[w][..n],
+        Storage::Input(i) => &inputs[i][..n],
+    }
+}
+
+/// Says which step failed, for the errors that do not already carry their context
+/// (communication errors name ranks and operations and keep their variant, so callers
+/// can still match on them).
+fn in_step(e: RuntimeError, index: usize, step: &Step) -> RuntimeError {
+    let at = |m: String| format!("step {index} (`{}`): {m}", step.kind());
+    match e {
+        RuntimeError::Binding(m) => RuntimeError::Binding(at(m)),
+        RuntimeError::Input(m) => RuntimeError::Input(at(m)),
+        RuntimeError::Unsupported(m) => RuntimeError::Unsupported(at(m)),
+        other => other,
     }
 }
 
