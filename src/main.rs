@@ -279,7 +279,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         parallel,
         ..Default::default()
     };
-    let ranks = model.ranks(&shapes, &opts, Default::default())?;
+    let mut ranks = model.ranks(&shapes, &opts, Default::default())?;
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let (outs, stats) = ranks.run(&inputs)?;
@@ -291,7 +291,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
         compile_s
     );
     if a.report {
-        print!("{}", ditto::report::communication(ranks.program(), &stats));
+        print!(
+            "{}",
+            ditto::report::communication(ranks.program(), &stats, 1)
+        );
     }
     write_outputs(&a.out, &outs, a.block_outputs)?;
     Ok(())
@@ -468,6 +471,11 @@ struct GenerateArgs {
     /// conversion) to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+    /// Print per-rank bytes sent per collective per step, next to the analytic volume.
+    #[arg(long)]
+    report: bool,
 }
 
 /// A class label given as a number or as a name from the pipeline's labels.
@@ -521,10 +529,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     use ditto::{GenerateRequest, Noise, Pipeline, Progress, PromptEmbeds, TimestepSchedule};
 
     let builtin = a.model.is_none();
-    let mut pipe = match &a.model {
+    let pipe = match &a.model {
         Some(dir) => Pipeline::load(dir)?,
         None => Pipeline::builtin()?,
     };
+    let parallel = {
+        let model = pipe.transformer_model();
+        let shapes = model.family().default_shapes();
+        a.parallel.resolve(model, &shapes)?
+    };
+    let mut pipe = pipe.with_parallel(parallel);
     let per_condition = a.num_samples.unwrap_or(if builtin { 4 } else { 1 });
     if per_condition == 0 {
         bail!("--num-samples must be at least 1");
@@ -733,6 +747,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
             String::new()
         },
     );
+    if a.report {
+        if let Some((program, stats)) = pipe.transformer_ranks() {
+            print!(
+                "{}",
+                ditto::report::communication(program, stats, gen.step_seconds.len())
+            );
+        }
+    }
     Ok(())
 }
 

@@ -31,6 +31,10 @@ pub struct Ranks {
     program: Arc<Program>,
     weights: Weights,
     opts: RankOptions,
+    /// One-rank programs keep their session (and buffers) across runs.
+    single: Option<Session>,
+    /// Communication of every run so far, per rank.
+    totals: RankStats,
 }
 
 /// What every rank sent, for `--report`.
@@ -39,13 +43,32 @@ pub struct RankStats {
     pub per_rank: Vec<CommStats>,
 }
 
+impl RankStats {
+    fn add(&mut self, other: &RankStats) {
+        if self.per_rank.len() < other.per_rank.len() {
+            self.per_rank
+                .resize(other.per_rank.len(), CommStats::default());
+        }
+        for (a, b) in self.per_rank.iter_mut().zip(&other.per_rank) {
+            a.merge(b);
+        }
+    }
+}
+
 impl Ranks {
     pub fn new(program: Arc<Program>, weights: Weights, opts: RankOptions) -> Ranks {
         Ranks {
             program,
             weights,
             opts,
+            single: None,
+            totals: RankStats::default(),
         }
+    }
+
+    /// Bytes every rank sent over all runs so far.
+    pub fn total_stats(&self) -> &RankStats {
+        &self.totals
     }
 
     pub fn program(&self) -> &Program {
@@ -56,12 +79,15 @@ impl Ranks {
     /// gathered result) and each rank's communication statistics. A rank that fails makes
     /// the run fail with an error naming it, within the collective timeout.
     pub fn run(
-        &self,
+        &mut self,
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<(BTreeMap<String, HostTensor>, RankStats), Error> {
         let world = self.program.mesh.world_size();
         if world == 1 {
-            let mut s = Session::new(self.program.clone(), self.weights.clone())?;
+            if self.single.is_none() {
+                self.single = Some(Session::new(self.program.clone(), self.weights.clone())?);
+            }
+            let s = self.single.as_mut().expect("set above");
             return Ok((s.run(inputs)?, RankStats::default()));
         }
         let results = run_ranks(world, self.opts.timeout, |comm| {
@@ -83,6 +109,7 @@ impl Ranks {
             first.get_or_insert(out);
             stats.per_rank.push(st);
         }
+        self.totals.add(&stats);
         Ok((first.unwrap_or_default(), stats))
     }
 }

@@ -92,8 +92,10 @@ fn mib(b: f64) -> String {
     format!("{:.3} MiB", b / (1u64 << 20) as f64)
 }
 
-/// The report printed by `--report`, per forward pass.
-pub fn communication(p: &Program, stats: &RankStats) -> String {
+/// The report printed by `--report`: bytes per rank per forward pass (`stats` may total
+/// `forwards` passes, e.g. every denoising step of a generation).
+pub fn communication(p: &Program, stats: &RankStats, forwards: usize) -> String {
+    let per = forwards.max(1) as f64;
     let mut out = String::new();
     let m = p.mesh;
     let _ = writeln!(
@@ -116,6 +118,15 @@ pub fn communication(p: &Program, stats: &RankStats) -> String {
     let (gather, a2a, p2p) = analytic_bytes(p);
     let _ = writeln!(
         out,
+        "bytes sent per rank per forward (per denoising step){}:",
+        if forwards > 1 {
+            format!(", averaged over {forwards} forwards")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
         "{:<6} {:>16} {:>16} {:>16} {:>16}",
         "rank", "all_gather", "all_to_all", "send/recv", "all_reduce"
     );
@@ -124,10 +135,10 @@ pub fn communication(p: &Program, stats: &RankStats) -> String {
             out,
             "{:<6} {:>16} {:>16} {:>16} {:>16}",
             rank,
-            mib(st.all_gather().bytes as f64),
-            mib(st.all_to_all().bytes as f64),
-            mib(st.send_recv().bytes as f64),
-            mib(st.all_reduce().bytes as f64),
+            mib(st.all_gather().bytes as f64 / per),
+            mib(st.all_to_all().bytes as f64 / per),
+            mib(st.send_recv().bytes as f64 / per),
+            mib(st.all_reduce().bytes as f64 / per),
         );
     }
     let _ = writeln!(

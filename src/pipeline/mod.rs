@@ -43,7 +43,8 @@ use ditto_models::vae::AutoencoderKLConfig;
 use ditto_models::Shapes;
 use ditto_runtime::scheduler::{self, Scheduler, SchedulerError};
 
-use crate::{CompileOptions, HostTensor, Model, Session};
+use crate::parallel::{RankOptions, RankStats, Ranks};
+use crate::{CompileOptions, HostTensor, Model, Parallel};
 use conditioning::{BatchInputs, Condition, FamilyConfig};
 use guidance::Guidance;
 
@@ -280,7 +281,7 @@ struct Vae {
 
 /// Compiled programs kept per input shape. Each holds its buffers, so only a few are kept.
 struct SessionCache {
-    entries: Vec<(Shapes, Session)>,
+    entries: Vec<(Shapes, Ranks)>,
 }
 
 const CACHED_SESSIONS: usize = 2;
@@ -289,8 +290,8 @@ impl SessionCache {
     fn get_or_compile(
         &mut self,
         shapes: &Shapes,
-        compile: impl FnOnce() -> Result<Session, PipelineError>,
-    ) -> Result<(&mut Session, bool), PipelineError> {
+        compile: impl FnOnce() -> Result<Ranks, PipelineError>,
+    ) -> Result<(&mut Ranks, bool), PipelineError> {
         let compiled = match self.entries.iter().position(|(s, _)| s == shapes) {
             Some(i) => {
                 let e = self.entries.remove(i);
@@ -328,6 +329,8 @@ pub struct Pipeline {
     labels: BTreeMap<usize, String>,
     default_steps: usize,
     default_guidance: f32,
+    /// How the transformer is split across ranks (the VAE runs on one).
+    parallel: Parallel,
     transformer_sessions: SessionCache,
     vae_sessions: SessionCache,
 }
@@ -369,6 +372,7 @@ impl Pipeline {
             labels: f.labels,
             default_steps,
             default_guidance,
+            parallel: Parallel::default(),
             transformer_sessions: SessionCache {
                 entries: Vec::new(),
             },
@@ -403,6 +407,7 @@ impl Pipeline {
             labels: reference.classes.into_iter().enumerate().collect(),
             default_steps: reference.steps,
             default_guidance: reference.guidance_scale,
+            parallel: Parallel::default(),
             transformer_sessions: SessionCache {
                 entries: Vec::new(),
             },
@@ -410,6 +415,27 @@ impl Pipeline {
                 entries: Vec::new(),
             },
         })
+    }
+
+    /// The transformer.
+    pub fn transformer_model(&self) -> &Model {
+        &self.transformer
+    }
+
+    /// Splits the transformer across ranks (in-process) for later generations.
+    pub fn with_parallel(mut self, parallel: Parallel) -> Pipeline {
+        self.parallel = parallel;
+        self.transformer_sessions.entries.clear();
+        self
+    }
+
+    /// The transformer's program for the last generation's shapes, and what its ranks sent
+    /// over all generations so far.
+    pub fn transformer_ranks(&self) -> Option<(&ditto_codegen::Program, &RankStats)> {
+        self.transformer_sessions
+            .entries
+            .last()
+            .map(|(_, r)| (r.program(), r.total_stats()))
     }
 
     /// The folder this was loaded from, or "built-in shapes-dit".
@@ -514,8 +540,12 @@ impl Pipeline {
         let (session, compiled) =
             self.transformer_sessions
                 .get_or_compile(&batch.shapes, || {
+                    let opts = CompileOptions {
+                        parallel: self.parallel.clone(),
+                        ..Default::default()
+                    };
                     self.transformer
-                        .session(&batch.shapes, &CompileOptions::default())
+                        .ranks(&batch.shapes, &opts, RankOptions::default())
                         .map_err(|error| PipelineError::model(component(), error))
                 })?;
         let compile_seconds = if compiled {
@@ -532,7 +562,7 @@ impl Pipeline {
         for (i, &t) in timesteps.iter().enumerate() {
             let ts = Instant::now();
             batch.set_step(&self.family, &latents, t);
-            let out = session
+            let (out, _) = session
                 .run(&batch.inputs)
                 .map_err(|error| PipelineError::model(component(), error))?;
             let sample = out.get("sample").ok_or_else(|| {
@@ -611,10 +641,10 @@ impl Pipeline {
         let component = || format!("vae of {}", self.source);
         let (session, _) = self.vae_sessions.get_or_compile(&shapes, || {
             vae.model
-                .session(&shapes, &CompileOptions::default())
+                .ranks(&shapes, &CompileOptions::default(), RankOptions::default())
                 .map_err(|error| PipelineError::model(component(), error))
         })?;
-        let mut out = session
+        let (mut out, _) = session
             .run(&inputs)
             .map_err(|error| PipelineError::model(component(), error))?;
         out.remove("sample")

@@ -234,6 +234,20 @@ impl CommStats {
         *self = CommStats::default();
     }
 
+    /// Adds another run's counters (totals over several forwards).
+    pub fn merge(&mut self, other: &CommStats) {
+        for (a, b) in [
+            (&mut self.all_gather, &other.all_gather),
+            (&mut self.all_to_all, &other.all_to_all),
+            (&mut self.all_reduce, &other.all_reduce),
+            (&mut self.send_recv, &other.send_recv),
+        ] {
+            a.calls += b.calls;
+            a.bytes += b.bytes;
+        }
+        self.barrier_calls += other.barrier_calls;
+    }
+
     pub fn all_gather(&self) -> KindStats {
         self.all_gather
     }
