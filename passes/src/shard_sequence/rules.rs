@@ -58,8 +58,9 @@ fn shape(eg: &IrEGraph, id: Id) -> Vec<usize> {
     eg[id].data.shape().unwrap_or(&[]).to_vec()
 }
 
-/// Gathers in the class of `id`.
+/// Gathers in the class of `id` (one per distinct local class and axis).
 pub fn gathers(eg: &IrEGraph, id: Id) -> Vec<Gather> {
+    let mut seen = std::collections::HashSet::new();
     eg[id]
         .nodes
         .iter()
@@ -73,6 +74,7 @@ pub fn gathers(eg: &IrEGraph, id: Id) -> Vec<Gather> {
             }),
             _ => None,
         })
+        .filter(|g| seen.insert((eg.find(g.y), g.axis, eg.find(g.mesh))))
         .collect()
 }
 
@@ -142,11 +144,27 @@ impl Sweep<'_> {
 
     /// Records `class = G(op)` where `op` is built from the local rows.
     fn push(&mut self, class: Id, local: Option<Id>, axis: usize, like: &Gather, segs: &[Id]) {
-        if let Some(local) = local {
-            if let Some(g) = self.gather(local, axis, like, segs) {
-                self.union(class, g);
+        let Some(local) = local else { return };
+        let Some(g) = self.gather(local, axis, like, segs) else {
+            return;
+        };
+        // A gather is injective: if the class already is the gather of some local rows
+        // with this layout, those rows are `local`. Merging at once keeps one local class
+        // per layout; otherwise every alternative form of an attention would start its own
+        // copy of the rest of the model within the sweep.
+        let new = Gather {
+            y: local,
+            axis,
+            mesh: like.mesh,
+            parts: like.parts,
+            segs: segs.to_vec(),
+        };
+        for old in gathers(self.eg, class) {
+            if old.axis == axis && old.same_layout(&new, self.eg) {
+                self.union(old.y, local);
             }
         }
+        self.union(class, g);
     }
 
     /// Applies every rule to `node` of e-class `class`.
@@ -335,6 +353,14 @@ impl Sweep<'_> {
                     if s.axis == me.axis && s.same_layout(&me, self.eg) {
                         // G(shard(x)) = x
                         self.union(class, s.y);
+                    }
+                }
+                // A gather is injective: two gathers of one value with one layout gather
+                // the same local rows. Without this, every alternative form of an attention
+                // would start its own copy of the rest of the model.
+                for g in gathers(self.eg, class) {
+                    if g.axis == me.axis && g.same_layout(&me, self.eg) {
+                        self.union(g.y, me.y);
                     }
                 }
             }
