@@ -131,6 +131,11 @@ impl Model {
                 verify_each: opts.verify,
             },
         )?;
+        if let Some(dir) = &opts.dump_dir {
+            if p.mesh.world_size() > 1 {
+                write_rank_dumps(&graph, p.mesh, dir)?;
+            }
+        }
         let program = ditto_codegen::lower_for_mesh(&graph, p.mesh)?;
         Ok(Compiled {
             program,
@@ -318,4 +323,51 @@ impl Session {
             })
             .collect())
     }
+}
+
+/// `--dump-dir` for a parallel program: `rank<r>.ir` per rank, the (SPMD) IR after the last
+/// pass headed by the rank's place in the mesh and the rows each shard gives it.
+fn write_rank_dumps(graph: &Graph, mesh: Mesh, dir: &Path) -> Result<(), Error> {
+    use ditto_ir::mesh::MeshAxis;
+    use ditto_ir::Op;
+    let body = ditto_ir::text::print(graph);
+    for rank in 0..mesh.world_size() {
+        let (c, r, u) = mesh.coords(rank);
+        let mut head = format!(
+            "# rank {rank} of {}: cfg {c}, ring {r}, ulysses {u} (sequence-parallel index {})\n",
+            mesh.world_size(),
+            mesh.index(rank, MeshAxis::Sp)
+        );
+        for (i, node) in graph.nodes().iter().enumerate() {
+            let Op::Shard(ch) = node else { continue };
+            let axis_name = graph.node(ch[2]).name();
+            let Some(axis) = MeshAxis::parse(&axis_name) else {
+                continue;
+            };
+            let idx = mesh.index(rank, axis);
+            let rows: Vec<String> = ch[4..]
+                .chunks(2)
+                .map(|p| {
+                    let local = graph.int_attr(p[0]).unwrap_or(0) as usize;
+                    let valid = graph.int_attr(p[1]).unwrap_or(0) as usize;
+                    let (lo, hi) = (idx * local, ((idx + 1) * local).min(valid));
+                    if lo >= hi {
+                        format!("none of {valid} (all padding)")
+                    } else {
+                        format!("[{lo}, {hi}) of {valid}")
+                    }
+                })
+                .collect();
+            head.push_str(&format!(
+                "# shard %{i} over {axis_name}: rows {}\n",
+                rows.join(", ")
+            ));
+        }
+        let path = dir.join(format!("rank{rank}.ir"));
+        std::fs::write(&path, format!("{head}{body}")).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }

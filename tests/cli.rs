@@ -177,3 +177,61 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     assert!(!ok);
     assert!(err.contains("--height 100"), "{err}");
 }
+
+#[test]
+fn parallel_forward_reports_and_compile_dumps_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let dir = fixture("sd3");
+    let io = dir.join("io.safetensors");
+    let (ok, stdout, err) = ditto(&[
+        "forward",
+        "--model",
+        p(&dir),
+        "--inputs",
+        p(&io),
+        "--out",
+        p(&out),
+        "--ulysses-degree",
+        "2",
+        "--ring-degree",
+        "2",
+        "--report",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("usp_attention x 3"), "{stdout}");
+    // 64 image + 7 text tokens on 4 ranks: the text is padded to 8.
+    assert!(
+        stdout.contains("padding: 72 token rows for 71 valid"),
+        "{stdout}"
+    );
+    let e = ditto::read_tensors(&out).unwrap()["output"]
+        .max_rel_err(&ditto::read_tensors(&io).unwrap()["output"]);
+    assert!(e <= 1e-4, "{e}");
+
+    let dump = tmp.path().join("dump");
+    let (ok, stdout, err) = ditto(&[
+        "compile",
+        "--model",
+        p(&dir),
+        "--ring-degree",
+        "4",
+        "--text-len",
+        "7",
+        "--dump-dir",
+        p(&dump),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("ring x3"), "{stdout}");
+    for rank in 0..4 {
+        let text = std::fs::read_to_string(dump.join(format!("rank{rank}.ir"))).unwrap();
+        assert!(text.starts_with(&format!("# rank {rank} of 4")), "{text}");
+        ditto::ir::text::parse(&text).unwrap();
+    }
+    // 7 text tokens on 4 ranks: the last rank holds one, padded.
+    let last = std::fs::read_to_string(dump.join("rank3.ir")).unwrap();
+    assert!(last.contains("rows [6, 7) of 7"), "{last}");
+
+    let (ok, _, err) = ditto(&["compile", "--model", p(&dir), "--parallel", "auto"]);
+    assert!(!ok && err.contains("--world-size"), "{err}");
+}

@@ -204,20 +204,34 @@ fn cost_model_choice_follows_the_link() {
         all.remove(0)
     };
     let (fast_s, fast_mesh, fast_plan) = best(NVLINK);
-    let (slow_s, slow_mesh, _) = best(ETHERNET);
+    let (slow_s, slow_mesh, slow_plan) = best(ETHERNET);
     eprintln!("nvlink: {fast_mesh:?} {fast_s:.4}s; ethernet: {slow_mesh:?} {slow_s:.4}s");
     assert!(slow_s > fast_s, "a slower link cannot make the step faster");
-    // Over fast links, sequence parallelism of the attention pays: every self-attention
-    // is sharded (no gathered form).
-    assert!(fast_plan
-        .attentions
-        .iter()
-        .any(|(m, _)| m == "ulysses" || m == "usp" || m == "ring"));
-    // Over slow links, the layout that communicates least (the CFG pair, which exchanges only
-    // the final noise prediction) must be part of the choice.
+    let sequence_parallel = |plan: &ditto::passes::ShardPlan| {
+        plan.attentions
+            .iter()
+            .filter(|(m, _)| m == "ulysses" || m == "usp" || m == "ring")
+            .count()
+    };
+    // Over NVLink, splitting the 4096-token self-attentions pays: all 28 are sequence
+    // parallel. Over Ethernet the K/V traffic costs more than the attention it splits, so
+    // the plan keeps whole sequences (splitting only the CFG batch, which exchanges one
+    // noise prediction).
+    assert_eq!(
+        sequence_parallel(&fast_plan),
+        28,
+        "{:?}",
+        fast_plan.attentions
+    );
+    assert_eq!(
+        sequence_parallel(&slow_plan),
+        0,
+        "{:?}",
+        slow_plan.attentions
+    );
     assert_eq!(
         slow_mesh.0, 2,
-        "ethernet should choose CFG parallelism, chose {slow_mesh:?}"
+        "ethernet should use the CFG pair, chose {slow_mesh:?}"
     );
     assert!(link_preset("pcie").is_some() && link_preset("infiniband-9000").is_none());
 }

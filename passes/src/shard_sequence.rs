@@ -10,6 +10,7 @@
 //! rows, gather as late as possible, and the attention method the links favour.
 
 mod cost;
+mod dag_extract;
 mod rules;
 
 use std::collections::HashMap;
@@ -21,10 +22,8 @@ use egg::{Id, Language};
 
 pub use cost::{link_preset, CostModel, Device, Link, ETHERNET, H100, NVLINK, PCIE};
 
-use crate::canonicalize::extract;
 use crate::order::{ordered, retain_used_kernels};
 use crate::{Pass, PassError, PassOutcome};
-use cost::{CriticalPath, Seconds};
 use rules::{Offer, Sweep};
 
 /// Which attention forms the pass may choose from.
@@ -97,8 +96,78 @@ impl ShardSequence {
         }
     }
 
-    /// Shards `g` and reports the plan.
+    /// Shards `g` and reports the plan. With `MethodChoice::Auto` every attention method
+    /// (and the gathered form) is planned on its own and the cheapest whole plan wins, so
+    /// all attentions of a model use one method and the comparison is between whole
+    /// programs.
     pub fn plan(&self, g: &Graph) -> Result<(Graph, ShardPlan, Vec<String>), PassError> {
+        if self.choice == MethodChoice::Forced {
+            return self.plan_with(g, &self.offer());
+        }
+        let m = self.mesh;
+        let mut offers = vec![
+            (
+                "gather",
+                Offer {
+                    methods: vec![],
+                    allow_gather: true,
+                },
+            ),
+            (
+                "ulysses",
+                Offer {
+                    methods: vec![SeqMethod::Ulysses],
+                    allow_gather: false,
+                },
+            ),
+            (
+                "ring",
+                Offer {
+                    methods: vec![SeqMethod::Ring],
+                    allow_gather: false,
+                },
+            ),
+        ];
+        if m.ulysses > 1 && m.ring > 1 {
+            offers.push((
+                "usp",
+                Offer {
+                    methods: vec![SeqMethod::Usp],
+                    allow_gather: false,
+                },
+            ));
+        }
+        if m.sp() == 1 {
+            offers.truncate(1);
+        }
+        let mut tried = Vec::new();
+        let mut best: Option<(Graph, ShardPlan, Vec<String>)> = None;
+        for (name, offer) in &offers {
+            let planned = self.plan_with(g, offer)?;
+            tried.push(format!("{name} {:.3} ms", planned.1.predicted_s * 1e3));
+            if best
+                .as_ref()
+                .is_none_or(|b| planned.1.predicted_s < b.1.predicted_s)
+            {
+                best = Some(planned);
+            }
+        }
+        let (out, plan, mut notes) = best.ok_or_else(|| PassError::Failed {
+            pass: "shard_sequence",
+            reason: "no plan".into(),
+        })?;
+        notes.push(format!(
+            "auto: whole plans per attention method: {}",
+            tried.join(", ")
+        ));
+        Ok((out, plan, notes))
+    }
+
+    fn plan_with(
+        &self,
+        g: &Graph,
+        offer: &Offer,
+    ) -> Result<(Graph, ShardPlan, Vec<String>), PassError> {
         let pass = "shard_sequence";
         let fail = |reason: String| PassError::Failed { pass, reason };
         let m = self.mesh;
@@ -175,7 +244,6 @@ impl ShardSequence {
         eg.rebuild();
 
         // Saturation.
-        let offer = self.offer();
         let start = Instant::now();
         let mut iterations = 0;
         let stop = loop {
@@ -198,7 +266,7 @@ impl ShardSequence {
             let mut sweep = Sweep {
                 eg: &mut eg,
                 changed: false,
-                offer: &offer,
+                offer,
             };
             for (class, node) in &snapshot {
                 sweep.apply(*class, node);
@@ -234,13 +302,9 @@ impl ShardSequence {
                 ..model
             },
         };
-        let best = extract::extract(
-            &eg,
-            CriticalPath {
-                model: &extraction_model,
-                egraph: &eg,
-            },
-        );
+        let best = dag_extract::extract(&eg, |node, class| {
+            extraction_model.node_cost(&eg, node, &eg[class].data)
+        });
         let pick = |id: Id| {
             best.get(&eg.find(id))
                 .map(|(_, node)| node.clone())
@@ -265,7 +329,7 @@ impl ShardSequence {
                 )));
             }
         }
-        let predicted_s = path_cost(&eg, &best, &model, root);
+        let predicted_s = total_cost(&eg, &best, &model, root);
 
         // The plan, as chosen.
         let mut plan = ShardPlan {
@@ -292,16 +356,15 @@ impl ShardSequence {
                     plan.attentions.push((method, s));
                 }
                 Op::Attention(ch) => {
-                    let local = matches!(
-                        out.tensor(ch[0]).map(|t| &t.dist),
-                        Some(ditto_ir::Dist::Split { .. })
-                    );
+                    let split_axis = match out.tensor(ch[0]).map(|t| &t.dist) {
+                        Some(ditto_ir::Dist::Split { axis, .. }) => Some(*axis),
+                        _ => None,
+                    };
                     let (qs, ks) = (out.shape(ch[0]), out.shape(ch[1]));
                     let s = 4.0 * (qs[0] * qs[1] * ks[1] * qs[2]) as f64 / self.device.flops_per_s;
-                    let what = if local {
-                        "local queries, full keys"
-                    } else {
-                        "replicated"
+                    let what = match split_axis {
+                        Some(1) => "local queries, gathered keys",
+                        _ => "whole sequence",
                     };
                     let _ = id;
                     plan.attentions.push((what.to_string(), s));
@@ -348,40 +411,23 @@ impl ShardSequence {
     }
 }
 
-/// Critical-path seconds of the extracted program under `model` (which may differ from the
-/// model extraction ran with).
-fn path_cost(eg: &IrEGraph, best: &HashMap<Id, (Seconds, Op)>, model: &CostModel, root: Id) -> f64 {
-    let mut memo: HashMap<Id, f64> = HashMap::new();
+/// Seconds of the extracted program on one rank under `model` (which may differ from the
+/// model extraction ran with): the sum over the distinct chosen values.
+fn total_cost(eg: &IrEGraph, best: &HashMap<Id, (f64, Op)>, model: &CostModel, root: Id) -> f64 {
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![eg.find(root)];
-    while let Some(&c) = stack.last() {
-        if memo.contains_key(&c) {
-            stack.pop();
+    let mut total = 0.0;
+    while let Some(c) = stack.pop() {
+        if !seen.insert(c) {
             continue;
         }
         let Some((_, node)) = best.get(&c) else {
-            memo.insert(c, f64::INFINITY);
-            stack.pop();
-            continue;
+            return f64::INFINITY;
         };
-        let pending: Vec<Id> = node
-            .children()
-            .iter()
-            .map(|&k| eg.find(k))
-            .filter(|k| !memo.contains_key(k))
-            .collect();
-        if pending.is_empty() {
-            let deepest = node
-                .children()
-                .iter()
-                .map(|&k| memo[&eg.find(k)])
-                .fold(0.0, f64::max);
-            memo.insert(c, model.node_cost(eg, node, &eg[c].data) + deepest);
-            stack.pop();
-        } else {
-            stack.extend(pending);
-        }
+        total += model.node_cost(eg, node, &eg[c].data);
+        stack.extend(node.children().iter().map(|&k| eg.find(k)));
     }
-    memo[&eg.find(root)]
+    total
 }
 
 /// Unions `class` (rows along `axis`, `len` of them) with `all_gather(shard(class))`.

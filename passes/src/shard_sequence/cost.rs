@@ -1,13 +1,12 @@
 //! The cost model sharding extracts with: seconds per op on one rank, from FLOPs, bytes
 //! moved through memory and an alpha-beta model of the links between ranks.
 //!
-//! A program's cost is its critical path (an op's own cost plus its costliest operand):
-//! unlike a sum over the extracted tree it counts a shared value once, and it never
-//! overflows on deep graphs.
+//! A program's cost on a rank is the sum of its ops' costs, each value counted once
+//! (`dag_extract`).
 
 use ditto_ir::mesh::{Mesh, SeqMethod};
 use ditto_ir::{IrEGraph, Meta, Op};
-use egg::{CostFunction, Id, Language};
+use egg::{Id, Language};
 
 /// A link between ranks: `latency_s + bytes / bytes_per_s` per message.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -175,44 +174,5 @@ impl CostModel {
                 self.mem(inputs + out_n)
             }
         }
-    }
-}
-
-/// Critical-path cost for egg-style extraction.
-pub struct CriticalPath<'a> {
-    pub model: &'a CostModel,
-    pub egraph: &'a IrEGraph,
-}
-
-/// A total order on f64 costs (they are never NaN).
-#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
-pub struct Seconds(pub f64);
-
-impl CostFunction<Op> for CriticalPath<'_> {
-    type Cost = Seconds;
-    fn cost<C>(&mut self, enode: &Op, mut costs: C) -> Seconds
-    where
-        C: FnMut(Id) -> Seconds,
-    {
-        let meta = match egg_class_meta(self.egraph, enode) {
-            Some(m) => m,
-            None => return Seconds(f64::INFINITY),
-        };
-        let own = self.model.node_cost(self.egraph, enode, &meta);
-        let deepest = enode
-            .children()
-            .iter()
-            .map(|&c| costs(c).0)
-            .fold(0.0, f64::max);
-        Seconds(own + deepest)
-    }
-}
-
-/// The meta of the class `enode` lives in (invalid nodes are never extracted).
-fn egg_class_meta(eg: &IrEGraph, enode: &Op) -> Option<Meta> {
-    let meta = ditto_ir::infer::infer(enode, |c| &eg[c].data).ok()?;
-    match meta {
-        Meta::Invalid(_) => None,
-        m => Some(m),
     }
 }
