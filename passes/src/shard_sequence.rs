@@ -338,8 +338,7 @@ impl ShardSequence {
             valid_rows,
             ..Default::default()
         };
-        for (i, n) in out.nodes().iter().enumerate() {
-            let id = Id::from(i);
+        for n in out.nodes() {
             match n {
                 Op::SeqAttention(ch) => {
                     let (qs, ks) = (out.shape(ch[0]), out.shape(ch[1]));
@@ -366,7 +365,6 @@ impl ShardSequence {
                         Some(1) => "local queries, gathered keys",
                         _ => "whole sequence",
                     };
-                    let _ = id;
                     plan.attentions.push((what.to_string(), s));
                 }
                 _ => {}

@@ -143,11 +143,10 @@ impl CostModel {
                 self.flops(2.0 * (m * ws[0] * ws[1]) as f64)
                     + self.mem(numel(*x) + numel(*w) + out_n)
             }
-            Op::Attention([q, k, _, h, _]) => {
+            Op::Attention([q, k, v, ..]) => {
                 let (qs, ks) = (shape(*q), shape(*k));
-                let heads = int(*h).max(1);
                 self.flops(4.0 * (qs[0] * qs[1] * ks[1] * qs[2]) as f64)
-                    + self.mem(numel(*q) * 4) * heads as f64 / heads as f64
+                    + self.mem(numel(*q) + numel(*k) + numel(*v) + out_n)
             }
             Op::SeqAttention(ch) => {
                 let (qs, ks) = (shape(ch[0]), shape(ch[1]));
