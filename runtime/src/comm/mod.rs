@@ -17,12 +17,16 @@
 
 pub mod error;
 pub mod in_process;
+pub mod store;
+pub mod tcp;
 
 #[cfg(test)]
 mod tests;
 
 pub use error::{CommError, CommOp};
 pub use in_process::{in_process_world, run_ranks, FailHandle, InProcessComm, RankError};
+pub use store::{StoreError, StoreServer, TcpStore};
+pub use tcp::{loopback_bandwidth, TcpComm};
 
 /// Size of one element on the wire. All traffic is f32 for now; kept as a constant so
 /// the byte accounting below has one place to change when bf16 transfers arrive.
