@@ -18,7 +18,10 @@
 //! ```
 
 pub mod bench;
+pub mod dist_env;
 mod error;
+#[cfg(unix)]
+pub mod launch;
 mod model;
 pub mod parallel;
 pub mod pipeline;

@@ -1,14 +1,18 @@
 //! The `ditto` command line.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use ditto::bench::{bench_forward, ForwardBenchOptions};
+use ditto::dist_env::{DistEnv, Membership};
+use ditto::parallel::RankOptions;
 use ditto::{CompileOptions, HostTensor, Model, Session, Shapes};
 
 #[derive(Parser)]
@@ -37,6 +41,58 @@ enum Command {
     /// Benchmarks (compare with bench/*.py, which time PyTorch on the same inputs).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run `forward` or `generate` as one process per rank: `ditto launch
+    /// --nproc-per-node 4 -- forward --ulysses-degree 2 --ring-degree 2 ...`.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Ranks (processes) to start on this node.
+    #[arg(long)]
+    nproc_per_node: usize,
+    /// Nodes taking part; each runs `ditto launch` with its own --node-rank.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This node's index (its ranks are node-rank x nproc-per-node + 0, 1, ...).
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Host of node 0, where rank 0 serves the rendezvous.
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Port of the rendezvous (default: a free port on one node, 29500 on several).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Also write each rank's output to DIR/rank<r>.log.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when the ranks are stopped.
+    #[arg(long, default_value_t = 5.0)]
+    grace_period: f64,
+    /// The subcommand each rank runs, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+#[derive(Args, Clone)]
+struct TimeoutArgs {
+    /// Seconds any collective, and the rendezvous of a multi-process run, may wait for a
+    /// rank before failing with an error naming it.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+}
+
+impl TimeoutArgs {
+    fn duration(&self) -> Result<Duration> {
+        if !(self.timeout.is_finite() && self.timeout > 0.0) {
+            bail!(
+                "--timeout {} must be a positive number of seconds",
+                self.timeout
+            );
+        }
+        Duration::try_from_secs_f64(self.timeout)
+            .map_err(|e| anyhow!("--timeout {}: {e}", self.timeout))
+    }
 }
 
 #[derive(Subcommand)]
@@ -62,6 +118,8 @@ struct ForwardArgs {
     block_outputs: bool,
     #[command(flatten)]
     parallel: ParallelArgs,
+    #[command(flatten)]
+    timeout: TimeoutArgs,
     /// Print per-rank bytes sent per collective, next to the analytic volume.
     #[arg(long)]
     report: bool,
@@ -106,15 +164,28 @@ struct ParallelArgs {
 }
 
 impl ParallelArgs {
-    fn resolve(&self, model: &Model, shapes: &Shapes) -> Result<ditto::Parallel> {
+    /// The layout. In a multi-process run (`env`), `--parallel auto` defaults to the
+    /// launcher's world size, and ranks other than 0 keep the cost model's candidates off
+    /// the output (rank 0 prints them once; every rank makes the same choice).
+    fn resolve(
+        &self,
+        model: &Model,
+        shapes: &Shapes,
+        env: Option<&DistEnv>,
+    ) -> Result<ditto::Parallel> {
+        let quiet = env.is_some_and(|e| e.rank != 0);
         let link = ditto::passes::shard_sequence::link_preset(&self.link)
             .ok_or_else(|| anyhow!("unknown --link `{}` (nvlink, pcie or ethernet)", self.link))?;
         match self.parallel.as_deref() {
             Some("auto") => {
                 let n = self
                     .world_size
+                    .or(env.map(|e| e.world_size))
                     .ok_or_else(|| anyhow!("--parallel auto needs --world-size N"))?;
                 let (choice, candidates) = model.choose_parallel(shapes, n, link)?;
+                if quiet {
+                    return Ok(choice);
+                }
                 for (m, s) in &candidates {
                     eprintln!(
                         "  candidate cfg {} x ring {} x ulysses {}: {:.3} ms per forward",
@@ -222,14 +293,55 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Forward(a)) => bench_forward_cmd(a),
+        Command::Launch(a) => return launch(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if caused_by_peer(&e) {
+                ExitCode::from(ditto::dist_env::PEER_FAILED_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether a rank failed only because another rank did (failed, exited, or never came to
+/// a collective): such a rank exits with [`ditto::dist_env::PEER_FAILED_EXIT`] rather than
+/// 1, so that `ditto launch` blames the rank where the failure started, whichever
+/// process happened to exit first.
+fn caused_by_peer(e: &anyhow::Error) -> bool {
+    use ditto::runtime::comm::CommError;
+    use ditto::runtime::RuntimeError;
+    fn comm(e: &CommError) -> bool {
+        matches!(
+            e,
+            CommError::PeerFailed { .. } | CommError::PeerExited { .. } | CommError::Timeout { .. }
+        )
+    }
+    fn ditto_error(e: &ditto::Error) -> bool {
+        match e {
+            ditto::Error::Runtime(RuntimeError::Comm(c)) => comm(c),
+            ditto::Error::Pipeline(p) => pipeline_error(p),
+            _ => false,
+        }
+    }
+    fn pipeline_error(e: &ditto::PipelineError) -> bool {
+        match e {
+            ditto::PipelineError::Model { error, .. } => ditto_error(error),
+            _ => false,
+        }
+    }
+    e.chain().any(|c| {
+        c.downcast_ref::<CommError>().is_some_and(comm)
+            || c.downcast_ref::<RuntimeError>()
+                .is_some_and(|r| matches!(r, RuntimeError::Comm(c) if comm(c)))
+            || c.downcast_ref::<ditto::Error>().is_some_and(ditto_error)
+            || c.downcast_ref::<ditto::PipelineError>()
+                .is_some_and(pipeline_error)
+    })
 }
 
 /// Reads `input.<arg>` tensors of a forward-inputs file.
@@ -265,6 +377,9 @@ fn write_outputs(path: &Path, outs: &BTreeMap<String, HostTensor>, all: bool) ->
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
+    let env = DistEnv::from_env()?;
+    let leader = env.as_ref().is_none_or(|e| e.rank == 0);
+    let timeout = a.timeout.duration()?;
     let model = Model::load(&a.model)?;
     let inputs = read_forward_inputs(&a.inputs)?;
     let t0 = std::time::Instant::now();
@@ -273,31 +388,163 @@ fn forward(a: ForwardArgs) -> Result<()> {
         .map(|(k, v)| (k.clone(), v.shape.clone()))
         .collect();
     let shapes = model.family().shapes_from_inputs(&shapes)?;
-    let parallel = a.parallel.resolve(&model, &shapes)?;
+    let parallel = a.parallel.resolve(&model, &shapes, env.as_ref())?;
+    let member = join_run(env, &parallel, timeout)?;
     let opts = CompileOptions {
         block_outputs: a.block_outputs,
         parallel,
         ..Default::default()
     };
-    let mut ranks = model.ranks(&shapes, &opts, Default::default())?;
+    let rank_opts = RankOptions {
+        timeout,
+        comm: member.as_ref().map(|m| m.comm.clone()),
+    };
+    let result = forward_run(&a, &model, &shapes, &opts, rank_opts, &inputs, leader, t0);
+    leave_run(member, result)
+}
+
+/// Compiles, runs and (leader only) writes and reports one forward pass.
+#[allow(clippy::too_many_arguments)]
+fn forward_run(
+    a: &ForwardArgs,
+    model: &Model,
+    shapes: &Shapes,
+    opts: &CompileOptions,
+    rank_opts: RankOptions,
+    inputs: &BTreeMap<String, HostTensor>,
+    leader: bool,
+    t0: std::time::Instant,
+) -> Result<()> {
+    let multi_process = rank_opts.comm.is_some();
+    let mut ranks = model.ranks(shapes, opts, rank_opts)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let (outs, stats) = ranks.run(&inputs)?;
-    eprintln!(
-        "{}: forward in {:.3}s on {} rank(s) (compile + load {:.3}s)",
-        model.family().class_name(),
-        t1.elapsed().as_secs_f64(),
-        ranks.program().mesh.world_size(),
-        compile_s
-    );
-    if a.report {
-        print!(
-            "{}",
-            ditto::report::communication(ranks.program(), &stats, 1)
+    let (outs, stats) = ranks.run(inputs)?;
+    // Every rank holds the gathered result; rank 0 alone writes and reports it.
+    if leader {
+        eprintln!(
+            "{}: forward in {:.3}s on {} rank(s){} (compile + load {:.3}s)",
+            model.family().class_name(),
+            t1.elapsed().as_secs_f64(),
+            ranks.program().mesh.world_size(),
+            if multi_process {
+                ", one per process"
+            } else {
+                ""
+            },
+            compile_s
+        );
+        if a.report {
+            print!(
+                "{}",
+                ditto::report::communication(ranks.program(), &stats, 1)
+            );
+            if multi_process {
+                println!("{OWN_TRAFFIC_NOTE}");
+            }
+        }
+        write_outputs(&a.out, &outs, a.block_outputs)?;
+    }
+    Ok(())
+}
+
+/// Ends this process's part in a multi-process run: after success, waits for every rank
+/// (rank 0 has written the outputs; its store must outlive the others' use of it); after
+/// a failure, tells the others why at once, so they fail naming this rank instead of
+/// waiting for it at the final barrier.
+fn leave_run(member: Option<Membership>, result: Result<()>) -> Result<()> {
+    match (member, result) {
+        (None, result) => result,
+        (Some(m), Ok(())) => {
+            let (rank, world) = (m.rank(), m.env.world_size);
+            m.finish().with_context(|| {
+                format!("rank {rank} of {world}: waiting for the other ranks to finish")
+            })
+        }
+        (Some(m), Err(e)) => {
+            m.abort(&format!("{e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// Under `--report` in a multi-process run: each process counts only its own traffic.
+const OWN_TRAFFIC_NOTE: &str =
+    "(multi-process run: the rows are rank 0's own traffic; every rank sends the same volumes)";
+
+/// Joins the multi-process run a launcher (`ditto launch`, torchrun, srun, mpirun) started
+/// this process in, if any: checks that the launcher's world is the layout's, then meets
+/// the other ranks. `None`: a plain single-process run (ranks, if any, as threads).
+fn join_run(
+    env: Option<DistEnv>,
+    parallel: &ditto::Parallel,
+    timeout: Duration,
+) -> Result<Option<Membership>> {
+    let Some(env) = env else {
+        return Ok(None);
+    };
+    let m = parallel.mesh;
+    let world = m.world_size();
+    if env.world_size != world {
+        let (rank_var, size_var) = env.launcher.variables();
+        bail!(
+            "this process is {rank_var}={} of {size_var}={} but the parallel layout has {world} rank(s) \
+             (cfg {} x ring {} x ulysses {}): start {world} process(es), or choose a layout of {} \
+             rank(s) with --ulysses-degree, --ring-degree and --use-cfg-parallel",
+            env.rank,
+            env.world_size,
+            m.cfg,
+            m.ring,
+            m.ulysses,
+            env.world_size
         );
     }
-    write_outputs(&a.out, &outs, a.block_outputs)?;
-    Ok(())
+    if world == 1 {
+        return Ok(None);
+    }
+    Ok(Some(Membership::join(env, timeout)?))
+}
+
+#[cfg(unix)]
+fn launch(a: LaunchArgs) -> ExitCode {
+    let program = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot find the ditto executable to start the ranks: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let grace_period = match Duration::try_from_secs_f64(a.grace_period) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --grace-period {}: {e}", a.grace_period);
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = ditto::launch::LaunchOptions {
+        program,
+        args: a.command,
+        nproc_per_node: a.nproc_per_node,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        master_addr: a.master_addr,
+        master_port: a.master_port,
+        log_dir: a.log_dir,
+        grace_period,
+    };
+    match ditto::launch::launch(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: launch: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn launch(_: LaunchArgs) -> ExitCode {
+    eprintln!("error: ditto launch needs a Unix system; start the ranks with your own launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)");
+    ExitCode::FAILURE
 }
 
 fn shapes_for(model: &Model, size: &SizeArgs) -> Result<Shapes> {
@@ -358,7 +605,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
 fn compile(a: CompileArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let shapes = shapes_for(&model, &a.size)?;
-    let parallel = a.parallel.resolve(&model, &shapes)?;
+    let parallel = a.parallel.resolve(&model, &shapes, None)?;
     let compiled = model.compile(
         &shapes,
         &CompileOptions {
@@ -473,6 +720,8 @@ struct GenerateArgs {
     save_latents: Option<PathBuf>,
     #[command(flatten)]
     parallel: ParallelArgs,
+    #[command(flatten)]
+    timeout: TimeoutArgs,
     /// Print per-rank bytes sent per collective per step, next to the analytic volume.
     #[arg(long)]
     report: bool,
@@ -526,8 +775,11 @@ fn repeat_rows(t: &HostTensor, k: usize) -> HostTensor {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    use ditto::{GenerateRequest, Noise, Pipeline, Progress, PromptEmbeds, TimestepSchedule};
+    use ditto::{GenerateRequest, Noise, Pipeline, PromptEmbeds, TimestepSchedule};
 
+    let env = DistEnv::from_env()?;
+    let leader = env.as_ref().is_none_or(|e| e.rank == 0);
+    let timeout = a.timeout.duration()?;
     let builtin = a.model.is_none();
     let pipe = match &a.model {
         Some(dir) => Pipeline::load(dir)?,
@@ -536,9 +788,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let parallel = {
         let model = pipe.transformer_model();
         let shapes = model.family().default_shapes();
-        a.parallel.resolve(model, &shapes)?
+        a.parallel.resolve(model, &shapes, env.as_ref())?
     };
-    let mut pipe = pipe.with_parallel(parallel);
+    let mut pipe = pipe.with_parallel(parallel.clone());
     let per_condition = a.num_samples.unwrap_or(if builtin { 4 } else { 1 });
     if per_condition == 0 {
         bail!("--num-samples must be at least 1");
@@ -658,23 +910,70 @@ fn generate(a: GenerateArgs) -> Result<()> {
         request.timesteps = TimestepSchedule::Scheduler;
     }
 
+    // The request is checked before meeting the other ranks: a bad flag fails every rank
+    // alike, at once, instead of leaving the others waiting at the rendezvous.
+    let member = join_run(env, &parallel, timeout)?;
+    pipe = pipe.with_rank_options(RankOptions {
+        timeout,
+        comm: member.as_ref().map(|m| m.comm.clone()),
+    });
+    let labels: Vec<String> = if prompt.is_none() {
+        classes
+            .iter()
+            .map(|c| {
+                pipe.labels()
+                    .get(c)
+                    .map_or(c.to_string(), |n| format!("{c} {n}"))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let result = generate_run(
+        &a,
+        &mut pipe,
+        &request,
+        leader,
+        (rows, cols),
+        &labels,
+        member.is_some(),
+    );
+    leave_run(member, result)
+}
+
+/// The denoising loop and the outputs of `generate` (written by the leader only: rank 0
+/// of a multi-process run, where every process ends with the same image).
+fn generate_run(
+    a: &GenerateArgs,
+    pipe: &mut ditto::Pipeline,
+    request: &ditto::GenerateRequest,
+    leader: bool,
+    (rows, cols): (usize, usize),
+    labels: &[String],
+    multi_process: bool,
+) -> Result<()> {
+    use ditto::Progress;
     let steps = a.steps.unwrap_or(pipe.default_steps());
     let guidance = a.guidance.unwrap_or(pipe.default_guidance());
-    eprintln!(
-        "{} ({}, {}): {} step(s), guidance {guidance}{}; compiling...",
-        pipe.source(),
-        pipe.pipeline_class(),
-        pipe.scheduler_class(),
-        steps,
-        if pipe.uses_cfg(guidance) {
-            " (CFG)"
-        } else {
-            ""
-        },
-    );
+    if leader {
+        eprintln!(
+            "{} ({}, {}): {} step(s), guidance {guidance}{}; compiling...",
+            pipe.source(),
+            pipe.pipeline_class(),
+            pipe.scheduler_class(),
+            steps,
+            if pipe.uses_cfg(guidance) {
+                " (CFG)"
+            } else {
+                ""
+            },
+        );
+    }
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut total = 0.0f64;
-    let result = pipe.generate_with(&request, &mut |p| match p {
+    let result = pipe.generate_with(request, &mut |p| match p {
+        // Other ranks print nothing but errors.
+        _ if !leader => {}
         Progress::Compiled { seconds, num_steps } => {
             eprintln!("compiled in {seconds:.2}s");
             let pb = indicatif::ProgressBar::new(num_steps as u64);
@@ -699,6 +998,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         pb.finish_and_clear();
     }
     let gen = result?;
+    if !leader {
+        return Ok(());
+    }
 
     let &[_, _, h, w] = gen.image.shape.as_slice() else {
         bail!("unexpected image shape {:?}", gen.image.shape);
@@ -712,18 +1014,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let n = gen.step_seconds.len().max(1) as f64;
     let per_step = gen.step_seconds.iter().sum::<f64>() / n;
-    let labels: Vec<String> = if prompt.is_none() {
-        classes
-            .iter()
-            .map(|c| {
-                pipe.labels()
-                    .get(c)
-                    .map_or(c.to_string(), |n| format!("{c} {n}"))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
     println!(
         "wrote {} ({}x{} grid of {h}x{w} images{}{}): {} steps at {:.3} s/step{}",
         a.out.display(),
@@ -753,6 +1043,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "{}",
                 ditto::report::communication(program, stats, gen.step_seconds.len())
             );
+            if multi_process {
+                println!("{OWN_TRAFFIC_NOTE}");
+            }
         }
     }
     Ok(())

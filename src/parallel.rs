@@ -1,12 +1,15 @@
-//! Multi-rank runs in one process: every rank a thread with its own Program, buffers and
-//! executor, sharing the weights, talking through the in-process communicator.
+//! Multi-rank runs: in one process, every rank a thread with its own Program, buffers and
+//! executor, sharing the weights, talking through the in-process communicator; or, in a
+//! multi-process run (`ditto launch`, torchrun, ...), only this process's rank, talking to
+//! the other processes through a communicator it was given ([`RankOptions::comm`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ditto_codegen::Program;
-use ditto_runtime::comm::{run_ranks, CommStats};
+use ditto_runtime::comm::{run_ranks, CommError, CommStats, Communicator, Group};
 use ditto_runtime::cpu::executor::Weights;
 
 use crate::{Error, HostTensor, Session};
@@ -14,15 +17,134 @@ use crate::{Error, HostTensor, Session};
 /// How ranks are run.
 #[derive(Clone, Debug)]
 pub struct RankOptions {
-    /// Every collective gives up after this long, naming the ranks that did not arrive.
+    /// Every collective gives up after this long, naming the ranks that did not arrive
+    /// (in-process ranks; a given [`comm`](Self::comm) has its own timeout).
     pub timeout: Duration,
+    /// This process is one rank of a multi-process run: run only `comm.rank()`, with this
+    /// communicator to the others, instead of every rank as a thread.
+    pub comm: Option<SharedComm>,
 }
 
 impl Default for RankOptions {
     fn default() -> Self {
         RankOptions {
             timeout: Duration::from_secs(60),
+            comm: None,
         }
+    }
+}
+
+/// One communicator shared by every program of this process (a pipeline may compile the
+/// transformer for several shapes; all of them are the same rank talking to the same
+/// peers), and by the caller, who keeps a clone for the final barrier.
+///
+/// Calls are serialized by a mutex; ranks of a multi-process run are single-threaded
+/// callers, so it is never contended. Every member issues the same collectives in the
+/// same order whichever program it runs, which is all the communicator's matching needs.
+#[derive(Clone)]
+pub struct SharedComm {
+    inner: Arc<Mutex<Box<dyn Communicator>>>,
+    rank: usize,
+    world_size: usize,
+    /// This handle's copy of the counters, refreshed after each call through it, because
+    /// [`Communicator::stats`] hands out a reference and the real ones sit behind the lock.
+    stats: CommStats,
+}
+
+impl SharedComm {
+    pub fn new(comm: Box<dyn Communicator>) -> SharedComm {
+        SharedComm {
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+            stats: comm.stats().clone(),
+            inner: Arc::new(Mutex::new(comm)),
+        }
+    }
+
+    fn lock(inner: &Mutex<Box<dyn Communicator>>) -> MutexGuard<'_, Box<dyn Communicator>> {
+        // A panic while holding the lock leaves the communicator usable (its own state is
+        // consistent between calls, and a failed call reports its error).
+        inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with<R>(&mut self, f: impl FnOnce(&mut dyn Communicator) -> R) -> R {
+        let mut guard = Self::lock(&self.inner);
+        let r = f(guard.as_mut());
+        self.stats = guard.stats().clone();
+        r
+    }
+
+    /// The counters as they are now (over every handle's calls).
+    pub fn current_stats(&self) -> CommStats {
+        Self::lock(&self.inner).stats().clone()
+    }
+
+    /// A barrier over the whole world.
+    pub fn barrier_all(&mut self) -> Result<(), CommError> {
+        let world = Group::world(self.world_size);
+        self.barrier(&world)
+    }
+}
+
+impl fmt::Debug for SharedComm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SharedComm(rank {} of {})", self.rank, self.world_size)
+    }
+}
+
+impl Communicator for SharedComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_gather(
+        &mut self,
+        group: &Group,
+        input: &[f32],
+        output: &mut [f32],
+    ) -> Result<(), CommError> {
+        self.with(|c| c.all_gather(group, input, output))
+    }
+    fn all_to_all(
+        &mut self,
+        group: &Group,
+        input: &[f32],
+        output: &mut [f32],
+    ) -> Result<(), CommError> {
+        self.with(|c| c.all_to_all(group, input, output))
+    }
+    fn all_reduce_sum(&mut self, group: &Group, data: &mut [f32]) -> Result<(), CommError> {
+        self.with(|c| c.all_reduce_sum(group, data))
+    }
+    fn send(&mut self, to: usize, tag: u64, data: &[f32]) -> Result<(), CommError> {
+        self.with(|c| c.send(to, tag, data))
+    }
+    fn recv(&mut self, from: usize, tag: u64, out: &mut [f32]) -> Result<(), CommError> {
+        self.with(|c| c.recv(from, tag, out))
+    }
+    fn sendrecv(
+        &mut self,
+        to: usize,
+        send: &[f32],
+        from: usize,
+        recv: &mut [f32],
+        tag: u64,
+    ) -> Result<(), CommError> {
+        self.with(|c| c.sendrecv(to, send, from, recv, tag))
+    }
+    fn barrier(&mut self, group: &Group) -> Result<(), CommError> {
+        self.with(|c| c.barrier(group))
+    }
+    fn stats(&self) -> &CommStats {
+        &self.stats
+    }
+    fn reset_stats(&mut self) {
+        self.with(|c| c.reset_stats())
+    }
+    fn fail(&mut self, reason: &str) {
+        self.with(|c| c.fail(reason))
     }
 }
 
@@ -31,7 +153,8 @@ pub struct Ranks {
     program: Arc<Program>,
     weights: Weights,
     opts: RankOptions,
-    /// One-rank programs keep their session (and buffers) across runs.
+    /// One-rank programs, and this process's rank of a multi-process run, keep their
+    /// session (and buffers) across runs.
     single: Option<Session>,
     /// Communication of every run so far, per rank.
     totals: RankStats,
@@ -78,11 +201,18 @@ impl Ranks {
     /// Runs every rank on the same inputs; returns rank 0's outputs (every rank holds the
     /// gathered result) and each rank's communication statistics. A rank that fails makes
     /// the run fail with an error naming it, within the collective timeout.
+    ///
+    /// With [`RankOptions::comm`], runs only that communicator's rank (the other
+    /// processes run theirs) and returns its outputs (the same gathered result) and its
+    /// own statistics alone.
     pub fn run(
         &mut self,
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<(BTreeMap<String, HostTensor>, RankStats), Error> {
         let world = self.program.mesh.world_size();
+        if let (Some(comm), true) = (&self.opts.comm, world > 1) {
+            return self.run_own_rank(comm.clone(), inputs);
+        }
         if world == 1 {
             if self.single.is_none() {
                 self.single = Some(Session::new(self.program.clone(), self.weights.clone())?);
@@ -111,5 +241,42 @@ impl Ranks {
         }
         self.totals.add(&stats);
         Ok((first.unwrap_or_default(), stats))
+    }
+
+    fn run_own_rank(
+        &mut self,
+        mut comm: SharedComm,
+        inputs: &BTreeMap<String, HostTensor>,
+    ) -> Result<(BTreeMap<String, HostTensor>, RankStats), Error> {
+        let world = self.program.mesh.world_size();
+        let rank = comm.rank();
+        if comm.world_size() != world {
+            let msg = format!(
+                "the program is split over {world} rank(s) but this process is rank {rank} of {}",
+                comm.world_size()
+            );
+            // Tell the peers now rather than let them wait out their timeout.
+            comm.fail(&msg);
+            return Err(Error::Rank(msg));
+        }
+        if self.single.is_none() {
+            let handle = Box::new(comm.clone());
+            self.single = Some(Session::with_comm(
+                self.program.clone(),
+                self.weights.clone(),
+                rank,
+                handle,
+            )?);
+        }
+        let s = self.single.as_mut().expect("set above");
+        // Per-run counters, as the in-process ranks (fresh communicators every run) give.
+        comm.reset_stats();
+        // A failure is announced to the peers by the executor itself.
+        let out = s.run(inputs)?;
+        let stats = RankStats {
+            per_rank: vec![comm.current_stats()],
+        };
+        self.totals.add(&stats);
+        Ok((out, stats))
     }
 }

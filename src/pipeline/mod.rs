@@ -331,6 +331,9 @@ pub struct Pipeline {
     default_guidance: f32,
     /// How the transformer is split across ranks (the VAE runs on one).
     parallel: Parallel,
+    /// How the transformer's ranks run: threads of this process, or (with a communicator)
+    /// only this process's rank of a multi-process run.
+    rank_options: RankOptions,
     transformer_sessions: SessionCache,
     vae_sessions: SessionCache,
 }
@@ -373,6 +376,7 @@ impl Pipeline {
             default_steps,
             default_guidance,
             parallel: Parallel::default(),
+            rank_options: RankOptions::default(),
             transformer_sessions: SessionCache {
                 entries: Vec::new(),
             },
@@ -408,6 +412,7 @@ impl Pipeline {
             default_steps: reference.steps,
             default_guidance: reference.guidance_scale,
             parallel: Parallel::default(),
+            rank_options: RankOptions::default(),
             transformer_sessions: SessionCache {
                 entries: Vec::new(),
             },
@@ -425,6 +430,16 @@ impl Pipeline {
     /// Splits the transformer across ranks (in-process) for later generations.
     pub fn with_parallel(mut self, parallel: Parallel) -> Pipeline {
         self.parallel = parallel;
+        self.transformer_sessions.entries.clear();
+        self
+    }
+
+    /// How the transformer's ranks run for later generations: the collective timeout, and a
+    /// communicator when this process is one rank of a multi-process run (then each step
+    /// runs the transformer on this rank only; the scheduler and VAE, cheap next to it, run
+    /// on every process alike, so every process ends with the same image).
+    pub fn with_rank_options(mut self, opts: RankOptions) -> Pipeline {
+        self.rank_options = opts;
         self.transformer_sessions.entries.clear();
         self
     }
@@ -545,7 +560,7 @@ impl Pipeline {
                         ..Default::default()
                     };
                     self.transformer
-                        .ranks(&batch.shapes, &opts, RankOptions::default())
+                        .ranks(&batch.shapes, &opts, self.rank_options.clone())
                         .map_err(|error| PipelineError::model(component(), error))
                 })?;
         let compile_seconds = if compiled {
