@@ -2,6 +2,7 @@
 //! steps (fused kernels, GEMMs, attention, norms, layout and embedding ops) over buffers from
 //! a liveness-based memory plan — and its on-disk form.
 
+pub mod cuda;
 mod kernel;
 mod lower;
 mod memory;

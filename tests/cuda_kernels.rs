@@ -1,0 +1,1159 @@
+//! The CUDA kernels of every fixture model: generated for f32 and bf16 storage, compiled to
+//! PTX for sm_90 with NVRTC and assembled with ptxas (no register spills allowed), and run
+//! on the CPU through a host emulation of CUDA, with GEMMs/attention/convolutions from the
+//! CPU backend, against the CPU backend's own run of the same Program.
+//!
+//! No GPU is needed. Without NVRTC the compile test says why it skipped, except under CI
+//! (`CI` set), where it fails: CI installs NVRTC (see `.ci/run`), and a broken install must
+//! not pass silently. The emulation needs a C++ compiler (`c++`), and skips without one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use ditto::codegen::cuda::{self, cuda_plan, CudaPlan, KArg, LibraryOp, StorageDType};
+use ditto::codegen::{
+    Binding, KInstr, Kernel, Mesh, MeshAxis, Program, Segment, Step, Storage, Value,
+};
+use ditto::runtime::cpu::executor::CpuExecutor;
+use ditto::runtime::cpu::kernels::{attention, conv, gemm};
+use ditto::{CompileOptions, HostTensor, Model, Parallel};
+
+const ARCH: &str = "sm_90";
+const FAMILIES: &[&str] = &["dit", "pixart", "sd3", "flux", "vae"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The fixture's recorded inputs, its model and the shapes they imply.
+fn load(name: &str) -> (Model, BTreeMap<String, HostTensor>, ditto::Shapes) {
+    let dir = fixture(name);
+    let model = Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let io = ditto::read_tensors(&dir.join("io.safetensors")).unwrap();
+    let inputs: BTreeMap<String, HostTensor> = io
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("input.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    let shapes: BTreeMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
+    (model, inputs, shapes)
+}
+
+/// Programs to cover: each family on one rank, and the transformers split over a 2 x 2
+/// Ulysses x Ring mesh (shard and all-gather kernels).
+fn programs() -> Vec<(String, Program)> {
+    let mut out = Vec::new();
+    for &name in FAMILIES {
+        let (model, _, shapes) = load(name);
+        let p = model
+            .compile(&shapes, &CompileOptions::default())
+            .unwrap()
+            .program;
+        out.push((name.to_string(), p));
+        if name != "vae" {
+            let opts = CompileOptions {
+                parallel: Parallel {
+                    mesh: Mesh {
+                        cfg: 1,
+                        ring: 2,
+                        ulysses: 2,
+                    },
+                    ..Parallel::default()
+                },
+                ..CompileOptions::default()
+            };
+            let p = model.compile(&shapes, &opts).unwrap().program;
+            out.push((format!("{name} (usp 2x2)"), p));
+        }
+    }
+    out
+}
+
+#[test]
+fn fixture_kernels_compile_to_ptx() {
+    let nvrtc = cuda::nvrtc_version();
+    let (version, lib) = match nvrtc {
+        Ok(v) => v,
+        Err(e) if !in_ci() => {
+            eprintln!("skipped: NVRTC is not available here ({e})");
+            return;
+        }
+        Err(e) => panic!("CI must have NVRTC (installed by .ci/run): {e}"),
+    };
+    let include = cuda::cuda_include_dirs();
+    let ptxas = cuda::find_ptxas();
+    if ptxas.is_none() && in_ci() {
+        panic!("CI must have ptxas (installed by .ci/run from nvidia-cuda-nvcc)");
+    }
+    eprintln!(
+        "NVRTC {}.{} from {}; headers {:?}; ptxas {:?}",
+        version.0,
+        version.1,
+        lib.display(),
+        include,
+        ptxas
+    );
+    let cache = cuda::KernelCache::new();
+    let mut spills = Vec::new();
+    for (name, program) in programs() {
+        for dtype in [StorageDType::F32, StorageDType::Bf16] {
+            let plan = cuda_plan(&program, dtype).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let before = cache.stats().compiled;
+            let ptx = cache
+                .compile(&plan.kernels, ARCH, &include)
+                .unwrap_or_else(|e| panic!("{name} {dtype}: {e}"));
+            assert_eq!(ptx.len(), plan.kernels.len());
+            let launches: usize = plan.steps.iter().map(|s| s.launches.len()).sum();
+            eprintln!(
+                "{name} {dtype}: {} steps, {launches} launches, {} kernels ({} newly compiled)",
+                program.steps.len(),
+                plan.kernels.len(),
+                cache.stats().compiled - before
+            );
+            for (k, (kname, text)) in plan.kernels.iter().zip(&ptx) {
+                assert_eq!(&k.name, kname);
+                assert!(
+                    text.contains(&format!(".entry {kname}(")),
+                    "{kname}: no entry in its PTX"
+                );
+                let Some(ptxas) = &ptxas else { continue };
+                for f in cuda::ptxas_info(ptxas, text, ARCH).unwrap() {
+                    eprintln!(
+                        "  {:28} {:3} registers, {:4} B smem, {} B stack, spills {}/{}",
+                        f.name,
+                        f.registers,
+                        f.shared_bytes,
+                        f.stack_frame,
+                        f.spill_stores,
+                        f.spill_loads
+                    );
+                    if f.spill_stores > 0 || f.spill_loads > 0 {
+                        spills.push(format!("{name} {dtype}: {}", f.name));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        spills.is_empty(),
+        "kernels that spill registers: {spills:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Host emulation of the generated CUDA.
+
+/// CUDA's device-side vocabulary for a host C++ compiler. Blocks run one after another; a
+/// block's threads are fibers (ucontext) when the kernel synchronizes (`__syncthreads`,
+/// shuffles): every sync point is a round in which each fiber runs until its next sync, so
+/// shared memory (a `static`) and shuffle slots see CUDA's ordering. Kernels that never
+/// synchronize run their threads as plain calls.
+const SHIM: &str = r#"
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 { unsigned int x, y, z; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned int x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline float __int_as_float(unsigned int i) { float f; memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double f; memcpy(&f, &i, 8); return f; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+
+struct __nv_bfloat16 { unsigned short x; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = uint32_t(h.x) << 16; float f; memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(unsigned short)((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{(unsigned short)(u >> 16)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return float2{__bfloat162float(h.x), __bfloat162float(h.y)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return __nv_bfloat162{__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
+struct __half { _Float16 v; };
+struct __half2 { __half x, y; };
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
+inline float2 __half22float2(__half2 h) { return float2{(float)h.x.v, (float)h.y.v}; }
+inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half_rn(a), __float2half_rn(b)}; }
+
+namespace emu {
+struct Fiber { ucontext_t ctx; std::vector<char> stack; uint3 tid; bool done; };
+inline ucontext_t sched;
+inline Fiber* cur = nullptr;
+inline bool coop = false;
+inline std::vector<float> slots;
+inline void (*entry)(void**) = nullptr;
+inline void** entry_args = nullptr;
+inline void yield() {
+  if (!coop) { fprintf(stderr, "sync in a kernel run without fibers\n"); abort(); }
+  swapcontext(&cur->ctx, &sched);
+}
+inline void trampoline() { entry(entry_args); cur->done = true; }
+inline void launch(void (*fn)(void**), void** args, dim3 grid, dim3 block, bool cooperative) {
+  gridDim = grid; blockDim = block; entry = fn; entry_args = args; coop = cooperative;
+  const unsigned nt = block.x * block.y * block.z;
+  std::vector<Fiber> fibers(cooperative ? nt : 0);
+  for (auto& f : fibers) f.stack.resize(1 << 16);
+  slots.assign(nt, 0.0f);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+  for (unsigned by = 0; by < grid.y; ++by)
+  for (unsigned bx = 0; bx < grid.x; ++bx) {
+    blockIdx = uint3{bx, by, bz};
+    unsigned i = 0;
+    for (unsigned tz = 0; tz < block.z; ++tz)
+    for (unsigned ty = 0; ty < block.y; ++ty)
+    for (unsigned tx = 0; tx < block.x; ++tx) {
+      if (!cooperative) { threadIdx = uint3{tx, ty, tz}; fn(args); continue; }
+      Fiber& f = fibers[i++];
+      f.tid = uint3{tx, ty, tz}; f.done = false;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data(); f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = &sched;
+      makecontext(&f.ctx, trampoline, 0);
+    }
+    for (bool left = cooperative; left;) {
+      left = false;
+      for (auto& f : fibers) {
+        if (f.done) continue;
+        cur = &f; threadIdx = f.tid;
+        swapcontext(&sched, &f.ctx);
+        left |= !f.done;
+      }
+    }
+  }
+}
+template <class... P, size_t... I> void call_impl(void (*k)(P...), void** a, std::index_sequence<I...>) {
+  k(*reinterpret_cast<P*>(a[I])...);
+}
+template <class... P> void call(void (*k)(P...), void** a) { call_impl(k, a, std::index_sequence_for<P...>{}); }
+}  // namespace emu
+
+inline void __syncthreads() { emu::yield(); }
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  emu::slots[t] = v;
+  emu::yield();
+  const float r = emu::slots[(t & ~31u) | ((t & 31u) ^ (unsigned)m)];
+  emu::yield();
+  return r;
+}
+"#;
+
+/// Reads a launch request, runs it, writes the blobs back (see `Emulator::run`).
+const MAIN: &str = r#"
+static uint32_t rd32(FILE* f) { uint32_t v; if (fread(&v, 4, 1, f) != 1) abort(); return v; }
+static uint64_t rd64(FILE* f) { uint64_t v; if (fread(&v, 8, 1, f) != 1) abort(); return v; }
+int main(int argc, char** argv) {
+  if (argc != 3) return 2;
+  FILE* in = fopen(argv[1], "rb");
+  if (!in) return 3;
+  std::vector<std::vector<char>> blobs(rd32(in));
+  for (auto& b : blobs) { b.resize(rd64(in)); if (!b.empty() && fread(b.data(), 1, b.size(), in) != b.size()) abort(); }
+  const uint32_t nl = rd32(in);
+  for (uint32_t l = 0; l < nl; ++l) {
+    const uint32_t k = rd32(in);
+    dim3 grid{rd32(in), rd32(in), rd32(in)}, block{rd32(in), rd32(in), rd32(in)};
+    const uint32_t na = rd32(in);
+    std::vector<void*> ptrs(na); std::vector<int> ints(na); std::vector<void*> args(na);
+    for (uint32_t a = 0; a < na; ++a) {
+      if (rd32(in) == 0) { const uint32_t b = rd32(in); const uint64_t off = rd64(in); ptrs[a] = blobs[b].data() + off; args[a] = &ptrs[a]; }
+      else { ints[a] = (int)rd32(in); args[a] = &ints[a]; }
+    }
+    emu::launch(KERNELS[k].fn, args.data(), grid, block, KERNELS[k].coop);
+  }
+  fclose(in);
+  FILE* out = fopen(argv[2], "wb");
+  for (auto& b : blobs) fwrite(b.data(), 1, b.size(), out);
+  fclose(out);
+  return 0;
+}
+"#;
+
+struct Emulator {
+    exe: PathBuf,
+    dir: PathBuf,
+}
+
+fn cxx() -> Option<String> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .ok()?
+        .status
+        .success()
+        .then_some(cxx)
+}
+
+impl Emulator {
+    /// Builds one executable holding every kernel of `plan` (each in its own namespace, as
+    /// each is its own NVRTC program).
+    fn build(plan: &CudaPlan, dir: &Path, cxx: &str) -> Emulator {
+        std::fs::create_dir_all(dir.join("include")).unwrap();
+        std::fs::write(dir.join("include/emu_shim.h"), SHIM).unwrap();
+        for h in ["cuda_fp16.h", "cuda_bf16.h"] {
+            std::fs::write(
+                dir.join("include").join(h),
+                "#pragma once\n#include \"emu_shim.h\"\n",
+            )
+            .unwrap();
+        }
+        let mut tu = String::from("#include \"emu_shim.h\"\n");
+        for (i, k) in plan.kernels.iter().enumerate() {
+            tu.push_str(&format!("namespace k{i} {{\n{}\n}}\n", k.source));
+        }
+        tu.push_str(
+            "struct Entry { void (*fn)(void**); bool coop; };\nstatic const Entry KERNELS[] = {\n",
+        );
+        for (i, k) in plan.kernels.iter().enumerate() {
+            let coop = k.source.contains("__syncthreads") || k.source.contains("__shfl");
+            tu.push_str(&format!(
+                "  {{+[](void** a) {{ emu::call(&k{i}::{}, a); }}, {coop}}},\n",
+                k.name
+            ));
+        }
+        tu.push_str("};\n");
+        tu.push_str(MAIN);
+        std::fs::write(dir.join("kernels.cpp"), &tu).unwrap();
+        let exe = dir.join("kernels");
+        let out = Command::new(cxx)
+            .args(["-std=c++17", "-O1", "-w", "-fno-strict-aliasing", "-I"])
+            .arg(dir.join("include"))
+            .arg(dir.join("kernels.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "host build of the kernels failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Emulator {
+            exe,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Runs `launches` over `blobs` (device memory), each argument a blob and a byte
+    /// offset, or an int; the blobs come back changed.
+    fn run(&self, launches: &[HostLaunch], blobs: &mut [Vec<u8>]) {
+        let mut req: Vec<u8> = Vec::new();
+        let w32 = |r: &mut Vec<u8>, v: u32| r.extend(v.to_le_bytes());
+        let w64 = |r: &mut Vec<u8>, v: u64| r.extend(v.to_le_bytes());
+        w32(&mut req, blobs.len() as u32);
+        for b in blobs.iter() {
+            w64(&mut req, b.len() as u64);
+            req.extend_from_slice(b);
+        }
+        w32(&mut req, launches.len() as u32);
+        for (k, grid, block, args) in launches {
+            w32(&mut req, *k as u32);
+            for v in grid.iter().chain(block) {
+                w32(&mut req, *v);
+            }
+            w32(&mut req, args.len() as u32);
+            for a in args {
+                match *a {
+                    Arg::Blob(b, off) => {
+                        w32(&mut req, 0);
+                        w32(&mut req, b as u32);
+                        w64(&mut req, off as u64);
+                    }
+                    Arg::Int(v) => {
+                        w32(&mut req, 1);
+                        w32(&mut req, v as u32);
+                    }
+                }
+            }
+        }
+        let (rq, rs) = (self.dir.join("request.bin"), self.dir.join("response.bin"));
+        std::fs::write(&rq, &req).unwrap();
+        let st = Command::new(&self.exe).arg(&rq).arg(&rs).status().unwrap();
+        assert!(st.success(), "emulated launch failed: {st}");
+        let resp = std::fs::read(&rs).unwrap();
+        let mut at = 0;
+        for b in blobs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&resp[at..at + n]);
+            at += n;
+        }
+    }
+}
+
+/// Kernel index, grid, block and arguments of one emulated launch.
+type HostLaunch = (usize, [u32; 3], [u32; 3], Vec<Arg>);
+
+#[derive(Clone, Copy)]
+enum Arg {
+    Blob(usize, usize),
+    Int(i32),
+}
+
+fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+fn encode(x: &[f32], d: StorageDType) -> Vec<u8> {
+    match d {
+        StorageDType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        StorageDType::Bf16 => x.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(),
+        StorageDType::F16 => unimplemented!("the emulation tests use f32 and bf16"),
+    }
+}
+
+fn decode(b: &[u8], d: StorageDType, n: usize) -> Vec<f32> {
+    match d {
+        StorageDType::F32 => b[..4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        StorageDType::Bf16 => b[..2 * n]
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+            .collect(),
+        StorageDType::F16 => unimplemented!("the emulation tests use f32 and bf16"),
+    }
+}
+
+/// Bytes past each blob's end that a kernel must leave alone.
+const CANARY: usize = 64;
+
+/// Device memory of one rank: storage blobs (inputs, weights, buffers), each with a canary.
+struct Memory {
+    blobs: Vec<Vec<u8>>,
+    inputs: usize,
+    weights: usize,
+}
+
+impl Memory {
+    fn new(p: &Program, plan: &CudaPlan, weights: &[Vec<f32>], inputs: &[&[f32]]) -> Memory {
+        let with_canary = |mut b: Vec<u8>| {
+            b.extend([0xA5; CANARY]);
+            b
+        };
+        // Uploads convert each input to its planned type.
+        let mut blobs: Vec<Vec<u8>> = inputs
+            .iter()
+            .zip(&plan.input_dtypes)
+            .map(|(x, &d)| with_canary(encode(x, d)))
+            .collect();
+        blobs.extend(weights.iter().map(|w| with_canary(encode(w, plan.dtype))));
+        blobs.extend(
+            plan.buffer_bytes
+                .iter()
+                .map(|&n| with_canary(vec![0xCD; n])),
+        );
+        Memory {
+            blobs,
+            inputs: p.inputs.len(),
+            weights: p.weights.len(),
+        }
+    }
+    fn blob(&self, s: Storage) -> usize {
+        match s {
+            Storage::Input(i) => i,
+            Storage::Weight(w) => self.inputs + w,
+            Storage::Buffer(b) => self.inputs + self.weights + b,
+        }
+    }
+    fn read(&self, p: &Program, plan: &CudaPlan, v: usize) -> Vec<f32> {
+        decode(
+            &self.blobs[self.blob(p.values[v].storage)],
+            plan.value_dtypes[v],
+            p.values[v].numel(),
+        )
+    }
+    fn write(&mut self, p: &Program, plan: &CudaPlan, v: usize, x: &[f32]) {
+        let b = self.blob(p.values[v].storage);
+        let bytes = encode(x, plan.value_dtypes[v]);
+        self.blobs[b][..bytes.len()].copy_from_slice(&bytes);
+    }
+}
+
+/// Runs the launches of step `si` on `mem` (with `gathered` as the collective's result).
+fn run_launches(
+    emu: &Emulator,
+    p: &Program,
+    plan: &CudaPlan,
+    si: usize,
+    mem: &mut Memory,
+    rank: usize,
+    gathered: Option<Vec<u8>>,
+) {
+    let sp = &plan.steps[si];
+    if sp.launches.is_empty() {
+        return;
+    }
+    let scratch = mem.blobs.len();
+    let mut scratch_blob = gathered.unwrap_or_else(|| vec![0xCD; sp.scratch_bytes]);
+    assert_eq!(
+        scratch_blob.len(),
+        sp.scratch_bytes,
+        "step {si}: scratch size"
+    );
+    scratch_blob.extend([0xA5; CANARY]);
+    mem.blobs.push(scratch_blob);
+    let before = mem.blobs.clone();
+    let launches: Vec<_> = sp
+        .launches
+        .iter()
+        .map(|l| {
+            let args = l
+                .args
+                .iter()
+                .map(|a| match *a {
+                    KArg::Value(v) => Arg::Blob(mem.blob(p.values[v].storage), 0),
+                    KArg::ValueAt { value, offset } => Arg::Blob(
+                        mem.blob(p.values[value].storage),
+                        offset * plan.value_dtypes[value].bytes(),
+                    ),
+                    KArg::Scratch => Arg::Blob(scratch, 0),
+                    KArg::MeshIndex(axis) => Arg::Int(p.mesh.index(rank, axis) as i32),
+                })
+                .collect();
+            (l.kernel, l.grid, l.block, args)
+        })
+        .collect();
+    emu.run(&launches, &mut mem.blobs);
+    mem.blobs.pop();
+    // Only the output's bytes may change: no kernel writes its inputs, another buffer, or
+    // past the end of its output.
+    let out = &p.values[p.steps[si].output()];
+    let ob = mem.blob(out.storage);
+    let out_bytes = out.numel() * plan.value_dtypes[p.steps[si].output()].bytes();
+    for (b, (now, was)) in mem.blobs.iter().zip(&before).enumerate() {
+        let same = if b == ob {
+            now[out_bytes..] == was[out_bytes..]
+        } else {
+            now == was
+        };
+        assert!(
+            same,
+            "step {si} (`{}`) wrote outside its output",
+            p.steps[si].kind()
+        );
+    }
+}
+
+/// Runs a single-rank program: library steps on the CPU kernels (in f32, rounding their
+/// results to the storage type), generated kernels in the emulator.
+fn emulate(
+    p: &Program,
+    plan: &CudaPlan,
+    emu: &Emulator,
+    weights: &[Vec<f32>],
+    inputs: &[&[f32]],
+) -> Vec<Vec<f32>> {
+    let mut mem = Memory::new(p, plan, weights, inputs);
+    for (si, step) in p.steps.iter().enumerate() {
+        match plan.steps[si].library {
+            None => {}
+            Some(LibraryOp::Collective) => panic!("single-rank programs have no collectives"),
+            Some(_) => library_step(p, plan, &mut mem, step),
+        }
+        run_launches(emu, p, plan, si, &mut mem, 0, None);
+    }
+    p.outputs
+        .iter()
+        .map(|(_, v)| mem.read(p, plan, *v))
+        .collect()
+}
+
+fn library_step(p: &Program, plan: &CudaPlan, mem: &mut Memory, step: &Step) {
+    let r = |v: usize| mem.read(p, plan, v);
+    let out_v = step.output();
+    let mut out = vec![0.0f32; p.values[out_v].numel()];
+    match step {
+        Step::Linear {
+            x, w, b, m, k, n, ..
+        } => {
+            let bias = b.map(r);
+            gemm::linear(&r(*x), *m, *k, &r(*w), *n, bias.as_deref(), &mut out)
+        }
+        Step::Attention {
+            q,
+            k,
+            v,
+            batch,
+            sq,
+            sk,
+            heads,
+            head_dim,
+            scale,
+            ..
+        } => attention::attention(
+            &r(*q),
+            &r(*k),
+            &r(*v),
+            *batch,
+            *sq,
+            *sk,
+            *heads,
+            *head_dim,
+            *scale,
+            &mut out,
+        ),
+        Step::Conv2d {
+            x,
+            w,
+            b,
+            stride,
+            pad,
+            ..
+        } => {
+            let (xs, ws) = (&p.values[*x].shape, &p.values[*w].shape);
+            conv::conv2d(
+                &r(*x),
+                xs[0],
+                xs[1],
+                xs[2],
+                xs[3],
+                &r(*w),
+                ws[0],
+                ws[2],
+                ws[3],
+                Some(&r(*b)),
+                *stride,
+                *pad,
+                &mut out,
+            )
+        }
+        other => panic!("`{}` is not a library step", other.kind()),
+    }
+    mem.write(p, plan, out_v, &out);
+}
+
+fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if a.is_nan() != b.is_nan() {
+                f32::INFINITY
+            } else if a.is_nan() {
+                0.0
+            } else {
+                (a - b).abs()
+            }
+        })
+        .fold(0.0f32, f32::max);
+    err / scale
+}
+
+fn emulator_or_skip(plan: &CudaPlan, tag: &str) -> Option<(Emulator, tempfile::TempDir)> {
+    let Some(cxx) = cxx() else {
+        eprintln!("skipped: no C++ compiler (`c++` or $CXX) for the host emulation");
+        return None;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("ditto-emu-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let emu = Emulator::build(plan, dir.path(), &cxx);
+    Some((emu, dir))
+}
+
+/// Max relative error of the emulated GPU program against the CPU backend on the fixture's
+/// recorded inputs.
+fn emulate_fixture(name: &str, dtype: StorageDType) -> Option<f32> {
+    let (model, inputs, shapes) = load(name);
+    let program = model
+        .compile(&shapes, &CompileOptions::default())
+        .unwrap()
+        .program;
+    let weights = model.load_weights(&program).unwrap();
+    let plan = cuda_plan(&program, dtype).unwrap();
+    let (emu, _dir) = emulator_or_skip(&plan, name)?;
+    let bound: Vec<&[f32]> = program
+        .inputs
+        .iter()
+        .map(|b| inputs[&b.name].data.as_slice())
+        .collect();
+    let got = emulate(&program, &plan, &emu, &weights, &bound);
+    let mut cpu = CpuExecutor::new(Arc::new(program.clone()), weights.clone()).unwrap();
+    let want = cpu.run(&bound).unwrap();
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| max_rel_err(g, w))
+        .fold(0.0f32, f32::max);
+    eprintln!("{name} {dtype}: emulated GPU vs CPU max relative error {err:.2e}");
+    Some(err)
+}
+
+#[test]
+fn emulated_fixture_kernels_match_the_cpu_backend_f32() {
+    for &name in FAMILIES {
+        let Some(err) = emulate_fixture(name, StorageDType::F32) else {
+            return;
+        };
+        assert!(err < 1e-4, "{name} f32: {err:e}");
+    }
+}
+
+#[test]
+fn emulated_fixture_kernels_match_the_cpu_backend_bf16() {
+    // bf16 storage of every weight and intermediate: a few bf16 ulps (2^-8) per layer.
+    for &name in FAMILIES {
+        let Some(err) = emulate_fixture(name, StorageDType::Bf16) else {
+            return;
+        };
+        assert!(err < 3e-2, "{name} bf16: {err:e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Single steps the fixtures do not reach: long rows (streamed, split group norm), rows that
+// do not divide into vectors, softmax, fill, copies, transposes.
+
+/// A one-rank program: inputs, then `steps` over values with a buffer each.
+struct Build {
+    p: Program,
+}
+
+impl Build {
+    fn new() -> Build {
+        Build {
+            p: Program {
+                format_version: ditto::codegen::program::FORMAT_VERSION,
+                mesh: Mesh::default(),
+                inputs: vec![],
+                weights: vec![],
+                buffers: vec![],
+                values: vec![],
+                kernels: vec![],
+                steps: vec![],
+                outputs: vec![],
+            },
+        }
+    }
+    fn input(&mut self, shape: &[usize]) -> usize {
+        self.p.inputs.push(Binding {
+            name: format!("x{}", self.p.inputs.len()),
+            shape: shape.to_vec(),
+            dtype: "f32".into(),
+        });
+        self.p.values.push(Value {
+            storage: Storage::Input(self.p.inputs.len() - 1),
+            shape: shape.to_vec(),
+        });
+        self.p.values.len() - 1
+    }
+    fn weight(&mut self, shape: &[usize]) -> usize {
+        self.p.weights.push(Binding {
+            name: format!("w{}", self.p.weights.len()),
+            shape: shape.to_vec(),
+            dtype: "f32".into(),
+        });
+        self.p.values.push(Value {
+            storage: Storage::Weight(self.p.weights.len() - 1),
+            shape: shape.to_vec(),
+        });
+        self.p.values.len() - 1
+    }
+    fn buffer(&mut self, shape: &[usize]) -> usize {
+        self.p.buffers.push(shape.iter().product::<usize>().max(1));
+        self.p.values.push(Value {
+            storage: Storage::Buffer(self.p.buffers.len() - 1),
+            shape: shape.to_vec(),
+        });
+        self.p.values.len() - 1
+    }
+    fn step(&mut self, s: Step) {
+        self.p.steps.push(s);
+    }
+    fn output(&mut self, v: usize) {
+        self.p
+            .outputs
+            .push((format!("y{}", self.p.outputs.len()), v));
+    }
+}
+
+fn inputs_for(p: &Program, seed: u64) -> Vec<Vec<f32>> {
+    let mut s = seed;
+    p.inputs
+        .iter()
+        .map(|b| {
+            (0..b.shape.iter().product::<usize>())
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 2.0
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn emulated_single_steps_match_the_cpu_backend() {
+    let mut b = Build::new();
+    // Layer norm over long rows (streamed), rows of 1001 (no vectors, a tail), group norm
+    // split across blocks (rows of 10000 in 3 chunks), softmax, RMS norm in lane groups.
+    let x = b.input(&[3, 40000]);
+    let y = b.buffer(&[3, 40000]);
+    b.step(Step::LayerNorm {
+        x,
+        out: y,
+        rows: 3,
+        cols: 40000,
+        eps: 1e-6,
+    });
+    b.output(y);
+    let x = b.input(&[5, 1001]);
+    let y = b.buffer(&[5, 1001]);
+    b.step(Step::LayerNorm {
+        x,
+        out: y,
+        rows: 5,
+        cols: 1001,
+        eps: 1e-5,
+    });
+    b.output(y);
+    let y2 = b.buffer(&[5, 1001]);
+    b.step(Step::Softmax {
+        x,
+        out: y2,
+        rows: 5,
+        cols: 1001,
+    });
+    b.output(y2);
+    let x = b.input(&[2, 8, 50, 50]);
+    let y = b.buffer(&[2, 8, 50, 50]);
+    b.step(Step::GroupNorm {
+        x,
+        out: y,
+        n: 2,
+        c: 8,
+        hw: 2500,
+        groups: 2,
+        eps: 1e-6,
+    });
+    b.output(y);
+    let x = b.input(&[37, 24]);
+    let y = b.buffer(&[37, 24]);
+    b.step(Step::RmsNorm {
+        x,
+        out: y,
+        rows: 37,
+        cols: 24,
+        eps: 1e-6,
+    });
+    b.output(y);
+    let y = b.buffer(&[37, 24]);
+    b.step(Step::Softmax {
+        x,
+        out: y,
+        rows: 37,
+        cols: 24,
+    });
+    b.output(y);
+    let x = b.input(&[2, 3000]);
+    let y = b.buffer(&[2, 3000]);
+    b.step(Step::Softmax {
+        x,
+        out: y,
+        rows: 2,
+        cols: 3000,
+    });
+    b.output(y);
+    // A block per row without a tail (1152 = 288 x 4 = 144 x 8), and 32-lane groups.
+    let x = b.input(&[3, 1152]);
+    let y = b.buffer(&[3, 1152]);
+    b.step(Step::LayerNorm {
+        x,
+        out: y,
+        rows: 3,
+        cols: 1152,
+        eps: 1e-6,
+    });
+    b.output(y);
+    let x = b.input(&[9, 256]);
+    let y = b.buffer(&[9, 256]);
+    b.step(Step::RmsNorm {
+        x,
+        out: y,
+        rows: 9,
+        cols: 256,
+        eps: 1e-6,
+    });
+    b.output(y);
+    // Transposes: the contiguous axis moves (tiles with edges), and a batch of them.
+    let x = b.input(&[3, 45, 70]);
+    let y = b.buffer(&[3, 70, 45]);
+    b.step(Step::Permute {
+        x,
+        out: y,
+        perm: vec![0, 2, 1],
+    });
+    b.output(y);
+    let x = b.input(&[2, 5, 6, 7]);
+    let y = b.buffer(&[7, 5, 2, 6]);
+    b.step(Step::Permute {
+        x,
+        out: y,
+        perm: vec![3, 1, 0, 2],
+    });
+    b.output(y);
+    // Concat whose pieces do not divide into vectors; a slice; fill; copy; upsampling.
+    let a = b.input(&[2, 3, 5]);
+    let c = b.input(&[2, 4, 5]);
+    let y = b.buffer(&[2, 7, 5]);
+    b.step(Step::Concat {
+        inputs: vec![a, c],
+        axis: 1,
+        out: y,
+    });
+    b.output(y);
+    let y = b.buffer(&[2, 2, 5]);
+    b.step(Step::Slice {
+        x: c,
+        axis: 1,
+        start: 1,
+        end: 3,
+        out: y,
+    });
+    b.output(y);
+    let y = b.buffer(&[3, 7]);
+    b.step(Step::Fill {
+        out: y,
+        value: -2.5,
+    });
+    b.output(y);
+    let y = b.buffer(&[2, 3, 5]);
+    b.step(Step::Copy { x: a, out: y });
+    b.output(y);
+    let x = b.input(&[1, 2, 3, 5]);
+    let y = b.buffer(&[1, 2, 9, 15]);
+    b.step(Step::UpsampleNearest {
+        x,
+        out: y,
+        factor: 3,
+    });
+    b.output(y);
+    // A fused kernel with every instruction, an argument broadcast along the rows.
+    let p0 = b.input(&[4, 16]);
+    let p1 = b.input(&[16]);
+    let y = b.buffer(&[4, 16]);
+    use KInstr::*;
+    b.p.kernels.push(Kernel {
+        name: "k0_all_ops".into(),
+        num_args: 2,
+        body: vec![
+            Arg(0),
+            Arg(1),
+            Add(0, 1),
+            Sub(2, 1),
+            Mul(3, 0),
+            Const(0.5),
+            Div(4, 5),
+            Neg(6),
+            Silu(7),
+            GeluTanh(8),
+            Gelu(9),
+            Sigmoid(10),
+            Tanh(11),
+            Exp(12),
+            Add(13, 3),
+        ],
+        source: String::new(),
+    });
+    b.step(Step::Fused {
+        kernel: 0,
+        args: vec![p0, p1],
+        out: y,
+    });
+    b.output(y);
+    // Timestep embeddings of an odd width and with SD's shift; an embedding table whose
+    // rows do not divide into vectors.
+    let t = b.input(&[3]);
+    let y = b.buffer(&[3, 7]);
+    b.step(Step::TimestepEmbedding {
+        t,
+        out: y,
+        dim: 7,
+        flip_sin_to_cos: false,
+        downscale_freq_shift: 1.0,
+        scale: 2.0,
+    });
+    b.output(y);
+    let y = b.buffer(&[3, 320]);
+    b.step(Step::TimestepEmbedding {
+        t,
+        out: y,
+        dim: 320,
+        flip_sin_to_cos: true,
+        downscale_freq_shift: 1.0,
+        scale: 1.0,
+    });
+    b.output(y);
+    let table = b.weight(&[5, 7]);
+    let idx = b.input(&[4]);
+    let y = b.buffer(&[4, 7]);
+    b.step(Step::Embedding { table, idx, out: y });
+    b.output(y);
+
+    let p = b.p;
+    let mut inputs = inputs_for(&p, 0x1234_5678_9abc_def1);
+    let input_of = |v: usize| match p.values[v].storage {
+        Storage::Input(i) => i,
+        _ => unreachable!(),
+    };
+    inputs[input_of(t)] = vec![0.0, 17.5, 999.0];
+    inputs[input_of(idx)] = vec![3.0, 0.0, 4.0, 1.0];
+    let weights: Vec<Vec<f32>> = vec![(0..35).map(|i| (i as f32 * 0.37).cos()).collect()];
+    let bound: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+    let mut cpu = CpuExecutor::new(Arc::new(p.clone()), Arc::new(weights.clone())).unwrap();
+    let want = cpu.run(&bound).unwrap();
+    for dtype in [StorageDType::F32, StorageDType::Bf16] {
+        let plan = cuda_plan(&p, dtype).unwrap();
+        let Some((emu, _dir)) = emulator_or_skip(&plan, "steps") else {
+            return;
+        };
+        let got = emulate(&p, &plan, &emu, &weights, &bound);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = max_rel_err(g, w);
+            let tol = if dtype == StorageDType::F32 {
+                2e-5
+            } else {
+                2e-2
+            };
+            assert!(
+                err < tol,
+                "{dtype}: step {i} (`{}`): {err:e}",
+                p.steps[i].kind()
+            );
+        }
+    }
+}
+
+#[test]
+fn emulated_shard_and_gather_round_trip() {
+    // Two members split axis 1 of [2, 10, 8]: a segment of 7 rows (padded to 2 x 4) and one
+    // of 3 (padded to 2 x 2). Each rank shards with its own index; the gathered locals
+    // reassemble x. x is a weight, so it is stored as the plan's type.
+    let segs = vec![
+        Segment { local: 4, valid: 7 },
+        Segment { local: 2, valid: 3 },
+    ];
+    let mut b = Build::new();
+    b.p.mesh = Mesh {
+        cfg: 1,
+        ring: 1,
+        ulysses: 2,
+    };
+    let x = b.weight(&[2, 10, 8]);
+    let l = b.buffer(&[2, 6, 8]);
+    let y = b.buffer(&[2, 10, 8]);
+    let common = (1, MeshAxis::Ulysses, 2, segs.clone());
+    b.step(Step::Shard {
+        x,
+        out: l,
+        axis: common.0,
+        mesh: common.1,
+        parts: common.2,
+        segments: common.3.clone(),
+    });
+    b.step(Step::AllGather {
+        x: l,
+        out: y,
+        axis: common.0,
+        mesh: common.1,
+        parts: common.2,
+        segments: common.3,
+    });
+    b.output(y);
+    let p = b.p;
+    let mut x_data = vec![];
+    for i in 0..160 {
+        x_data.push((i as f32 * 0.731).sin() * 3.0);
+    }
+    let weights = vec![x_data];
+    for dtype in [StorageDType::F32, StorageDType::Bf16] {
+        let plan = cuda_plan(&p, dtype).unwrap();
+        assert_eq!(plan.steps[1].library, Some(LibraryOp::Collective));
+        let Some((emu, _dir)) = emulator_or_skip(&plan, "shard") else {
+            return;
+        };
+        let mut mems: Vec<Memory> = (0..2)
+            .map(|_| Memory::new(&p, &plan, &weights, &[]))
+            .collect();
+        for (r, m) in mems.iter_mut().enumerate() {
+            run_launches(&emu, &p, &plan, 0, m, r, None);
+        }
+        let locals: Vec<Vec<f32>> = mems.iter().map(|m| m.read(&p, &plan, l)).collect();
+        // Member 1 holds rows 4..7 of segment 0 (then a zero row) and row 2 of segment 1
+        // (then a zero row).
+        let row = |v: &[f32], b: usize, r: usize, n: usize| {
+            v[(b * n + r) * 8..(b * n + r + 1) * 8].to_vec()
+        };
+        assert_eq!(plan.value_dtypes[l], dtype);
+        let xr = |r: usize| {
+            row(&weights[0], 1, r, 10)
+                .iter()
+                .map(|&v| decode(&encode(&[v], dtype), dtype, 1)[0])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(row(&locals[1], 1, 0, 6), xr(4));
+        assert_eq!(row(&locals[1], 1, 3, 6), vec![0.0; 8]);
+        assert_eq!(row(&locals[1], 1, 4, 6), xr(9));
+        assert_eq!(row(&locals[1], 1, 5, 6), vec![0.0; 8]);
+        let gathered: Vec<u8> = mems
+            .iter()
+            .flat_map(|m| {
+                m.blobs[m.blob(p.values[l].storage)][..plan.value_dtypes[l].bytes() * 96].to_vec()
+            })
+            .collect();
+        for (r, m) in mems.iter_mut().enumerate() {
+            run_launches(&emu, &p, &plan, 1, m, r, Some(gathered.clone()));
+            let got = m.read(&p, &plan, y);
+            let want = decode(&encode(&weights[0], dtype), dtype, 160);
+            assert_eq!(got, want, "{dtype} rank {r}");
+        }
+    }
+}
