@@ -259,6 +259,16 @@ struct CompileArgs {
     /// Include block outputs in the Program.
     #[arg(long)]
     block_outputs: bool,
+    /// `cuda`: also generate the CUDA kernels of the plan and compile them to PTX with NVRTC
+    /// (no GPU needed), stored with the plan under `kernels/`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GPU architecture for `--device cuda`.
+    #[arg(long, default_value = "sm_90")]
+    arch: String,
+    /// Storage type of activations and weights on the GPU: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
     #[command(flatten)]
     parallel: ParallelArgs,
 }
@@ -647,8 +657,50 @@ fn compile(a: CompileArgs) -> Result<()> {
         ditto::codegen::save_program(p, out)?;
         println!("wrote {}", out.display());
     }
+    match a.device.as_str() {
+        "cpu" => {}
+        "cuda" => compile_cuda_kernels(p, &a.arch, &a.dtype, a.out.as_deref())?,
+        other => bail!("unknown --device `{other}` (cpu or cuda)"),
+    }
     if let Some(d) = &a.dump_dir {
         println!("IR after every pass in {}", d.display());
+    }
+    Ok(())
+}
+
+/// Generates the plan's CUDA kernels and compiles them to PTX; with `out`, stores the
+/// sources and PTX next to the plan (`kernels/<name>.cu`, `.ptx`).
+fn compile_cuda_kernels(
+    p: &ditto::Program,
+    arch: &str,
+    dtype: &str,
+    out: Option<&Path>,
+) -> Result<()> {
+    use ditto::codegen::cuda::{compile_ptx, cuda_include_dirs, cuda_sources, StorageDType};
+    let dtype = match dtype {
+        "bf16" => StorageDType::Bf16,
+        "f16" => StorageDType::F16,
+        "f32" => StorageDType::F32,
+        other => bail!("unknown --dtype `{other}` (bf16, f16 or f32)"),
+    };
+    let kernels = cuda_sources(p, dtype)?;
+    let t0 = std::time::Instant::now();
+    let ptx = compile_ptx(&kernels, arch, &cuda_include_dirs())?;
+    println!(
+        "cuda: {} kernels ({}) compiled to PTX for {arch} in {:.2}s",
+        kernels.len(),
+        dtype.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(out) = out {
+        let dir = out.join("kernels");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (k, (name, text)) in kernels.iter().zip(&ptx) {
+            std::fs::write(dir.join(format!("{name}.cu")), &k.source)
+                .and_then(|_| std::fs::write(dir.join(format!("{name}.ptx")), text))
+                .with_context(|| format!("writing {}", dir.display()))?;
+        }
+        println!("wrote {} kernels to {}", ptx.len(), dir.display());
     }
     Ok(())
 }

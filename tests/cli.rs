@@ -235,3 +235,38 @@ fn parallel_forward_reports_and_compile_dumps_every_rank() {
     let (ok, _, err) = ditto(&["compile", "--model", p(&dir), "--parallel", "auto"]);
     assert!(!ok && err.contains("--world-size"), "{err}");
 }
+
+#[test]
+fn compile_for_cuda_stores_ptx_with_the_plan() {
+    let (ok, _, err) = ditto(&["compile", "--model", p(&fixture("dit")), "--device", "tpu"]);
+    assert!(!ok && err.contains("unknown --device `tpu`"), "{err}");
+    if std::env::var_os("DITTO_NVRTC_LIB").is_none() && std::env::var_os("CI").is_none() {
+        eprintln!("skipped the NVRTC part: DITTO_NVRTC_LIB is not set (see .ci/run)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = tmp.path().join("plan");
+    let (ok, out, err) = ditto(&[
+        "compile",
+        "--model",
+        p(&fixture("pixart")),
+        "--device",
+        "cuda",
+        "--arch",
+        "sm_90",
+        "--out",
+        p(&plan),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("compiled to PTX for sm_90"), "{out}");
+    let ptx: Vec<_> = std::fs::read_dir(plan.join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ptx"))
+        .collect();
+    assert!(!ptx.is_empty());
+    for f in ptx {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(text.contains(".target sm_90"), "{}", f.display());
+    }
+}
