@@ -26,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::collectives::{self, Received};
 use super::{CommError, CommOp, CommStats, Communicator, Group};
 
 /// What a message belongs to. Collectives carry the ordered group so that two groups
@@ -35,9 +36,6 @@ enum Key {
     P2p { tag: u64 },
     Coll { group: Vec<usize>, seq: u64 },
 }
-
-/// Payloads received by a collective, indexed by group member; `None` at the caller.
-type Received = Vec<Option<Vec<f32>>>;
 
 struct Message {
     /// The sender's operation, to diagnose members calling different collectives.
@@ -366,25 +364,6 @@ impl InProcessComm {
         Ok((me, received))
     }
 
-    fn size_check(
-        &self,
-        op: CommOp,
-        peer: usize,
-        expected: usize,
-        got: usize,
-    ) -> Result<(), CommError> {
-        if expected != got {
-            return Err(CommError::SizeMismatch {
-                rank: self.rank,
-                op,
-                peer,
-                expected,
-                got,
-            });
-        }
-        Ok(())
-    }
-
     fn recv_inner(
         &mut self,
         op: CommOp,
@@ -396,7 +375,7 @@ impl InProcessComm {
         self.check_peer(op, from)?;
         let mut msgs = self.wait_all(op, &[(from, Key::P2p { tag })], deadline)?;
         let data = msgs.pop().map(|m| m.data).unwrap_or_default();
-        self.size_check(op, from, out.len(), data.len())?;
+        collectives::size_check(self.rank, op, from, out.len(), data.len())?;
         out.copy_from_slice(&data);
         Ok(())
     }
@@ -415,6 +394,23 @@ impl InProcessComm {
     }
 }
 
+impl collectives::Exchange for InProcessComm {
+    fn this_rank(&self) -> usize {
+        self.rank
+    }
+    fn exchange<'a>(
+        &mut self,
+        op: CommOp,
+        group: &Group,
+        payload: impl Fn(usize) -> &'a [f32],
+    ) -> Result<(usize, Received), CommError> {
+        InProcessComm::exchange(self, op, group, payload)
+    }
+    fn stats_mut(&mut self) -> &mut CommStats {
+        &mut self.stats
+    }
+}
+
 impl Communicator for InProcessComm {
     fn rank(&self) -> usize {
         self.rank
@@ -430,34 +426,7 @@ impl Communicator for InProcessComm {
         input: &[f32],
         output: &mut [f32],
     ) -> Result<(), CommError> {
-        let op = CommOp::AllGather;
-        let n = input.len();
-        let g = group.size();
-        if output.len() != n * g {
-            return Err(CommError::BadLength {
-                rank: self.rank,
-                op,
-                detail: format!(
-                    "output has {} element(s), expected {g} member(s) x {n} = {}",
-                    output.len(),
-                    n * g
-                ),
-            });
-        }
-        let (me, received) = self.exchange(op, group, |_| input)?;
-        for (i, data) in received.iter().enumerate() {
-            let src = match data {
-                Some(d) => {
-                    self.size_check(op, group.ranks[i], n, d.len())?;
-                    d.as_slice()
-                }
-                None => input,
-            };
-            output[i * n..(i + 1) * n].copy_from_slice(src);
-        }
-        debug_assert!(received[me].is_none());
-        self.stats.record_all_gather(n, g);
-        Ok(())
+        collectives::all_gather(self, group, input, output)
     }
 
     fn all_to_all(
@@ -466,65 +435,11 @@ impl Communicator for InProcessComm {
         input: &[f32],
         output: &mut [f32],
     ) -> Result<(), CommError> {
-        let op = CommOp::AllToAll;
-        let g = group.size().max(1);
-        if input.len() != output.len() || input.len() % g != 0 {
-            return Err(CommError::BadLength {
-                rank: self.rank,
-                op,
-                detail: format!(
-                    "input ({}) and output ({}) must have the same length, divisible by the group size {g}",
-                    input.len(),
-                    output.len()
-                ),
-            });
-        }
-        let c = input.len() / g;
-        let (me, received) = self.exchange(op, group, |j| &input[j * c..(j + 1) * c])?;
-        for (i, data) in received.iter().enumerate() {
-            let src = match data {
-                Some(d) => {
-                    self.size_check(op, group.ranks[i], c, d.len())?;
-                    d.as_slice()
-                }
-                None => &input[me * c..(me + 1) * c],
-            };
-            output[i * c..(i + 1) * c].copy_from_slice(src);
-        }
-        self.stats.record_all_to_all(input.len(), group.size());
-        Ok(())
+        collectives::all_to_all(self, group, input, output)
     }
 
     fn all_reduce_sum(&mut self, group: &Group, data: &mut [f32]) -> Result<(), CommError> {
-        let op = CommOp::AllReduce;
-        let n = data.len();
-        let (me, received) = {
-            let input: &[f32] = data;
-            self.exchange(op, group, |_| input)?
-        };
-        for (i, d) in received.iter().enumerate() {
-            if let Some(d) = d {
-                self.size_check(op, group.ranks[i], n, d.len())?;
-            }
-        }
-        // Sum in group order on every rank (not "mine first"), so that floating-point
-        // rounding, and hence the result, is bit-identical on all members.
-        let own = data.to_vec();
-        let contribution = |i: usize| -> &[f32] {
-            match &received[i] {
-                Some(d) => d,
-                None => &own,
-            }
-        };
-        data.copy_from_slice(contribution(0));
-        for i in 1..received.len() {
-            for (acc, x) in data.iter_mut().zip(contribution(i)) {
-                *acc += *x;
-            }
-        }
-        debug_assert!(received[me].is_none());
-        self.stats.record_all_reduce(n, group.size());
-        Ok(())
+        collectives::all_reduce_sum(self, group, data)
     }
 
     fn send(&mut self, to: usize, tag: u64, data: &[f32]) -> Result<(), CommError> {
@@ -558,9 +473,7 @@ impl Communicator for InProcessComm {
     }
 
     fn barrier(&mut self, group: &Group) -> Result<(), CommError> {
-        self.exchange(CommOp::Barrier, group, |_| -> &[f32] { &[] })?;
-        self.stats.record_barrier();
-        Ok(())
+        collectives::barrier(self, group)
     }
 
     fn stats(&self) -> &CommStats {

@@ -15,6 +15,7 @@
 //! panics) makes every other rank's pending and later calls return
 //! [`CommError::PeerFailed`] naming it, promptly rather than after the timeout.
 
+mod collectives;
 pub mod error;
 pub mod in_process;
 pub mod store;
