@@ -25,6 +25,7 @@ pub mod launch;
 mod model;
 pub mod parallel;
 pub mod pipeline;
+pub mod quality;
 pub mod report;
 
 pub use ditto_codegen as codegen;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ditto_codegen::Program;
+use ditto_ir::cut::Span;
 use ditto_ir::mesh::Mesh;
 use ditto_ir::Graph;
 use ditto_models::checkpoint::Checkpoint;
@@ -115,6 +116,27 @@ impl Model {
     /// Builds the graph, runs the pass pipeline and lowers it to a Program.
     pub fn compile(&self, shapes: &Shapes, opts: &CompileOptions) -> Result<Compiled, Error> {
         let graph = self.graph(shapes, opts.block_outputs)?;
+        self.compile_graph(graph, opts)
+    }
+
+    /// The part of the forward graph between two block boundaries (see
+    /// [`ditto_ir::cut`]), with the named taps as extra outputs.
+    pub fn part_graph(&self, shapes: &Shapes, span: Span, taps: &[&str]) -> Result<Graph, Error> {
+        let full = self.graph(shapes, false)?;
+        let nb = full.num_blocks();
+        for b in [span.from, span.to].into_iter().flatten() {
+            if b > nb {
+                return Err(Error::Input(format!(
+                    "block boundary {b} is past the last block: the model has {nb} block(s)"
+                )));
+            }
+        }
+        Ok(full.part(span, taps)?)
+    }
+
+    /// Runs the pass pipeline on a graph of this model (the whole forward, or a part of
+    /// it) and lowers it to a Program.
+    pub fn compile_graph(&self, graph: Graph, opts: &CompileOptions) -> Result<Compiled, Error> {
         let p = &opts.parallel;
         let shard = ShardSequence::new(p.mesh, p.choice.clone(), p.link);
         let pipeline = Pipeline::new(vec![
@@ -207,6 +229,19 @@ impl Model {
         rank_opts: RankOptions,
     ) -> Result<Ranks, Error> {
         let compiled = self.compile(shapes, opts)?;
+        let weights = self.load_weights(&compiled.program)?;
+        Ok(Ranks::new(Arc::new(compiled.program), weights, rank_opts))
+    }
+
+    /// The ranks of a program compiled from a graph of this model (e.g. a
+    /// [`part_graph`](Self::part_graph)), with only the weights that graph reads.
+    pub fn ranks_for_graph(
+        &self,
+        graph: Graph,
+        opts: &CompileOptions,
+        rank_opts: RankOptions,
+    ) -> Result<Ranks, Error> {
+        let compiled = self.compile_graph(graph, opts)?;
         let weights = self.load_weights(&compiled.program)?;
         Ok(Ranks::new(Arc::new(compiled.program), weights, rank_opts))
     }

@@ -20,6 +20,14 @@ pub struct Graph {
     pub outputs: Vec<(String, Id)>,
     /// Bodies of `fused` nodes: expressions over `(arg i)` leaves.
     pub kernels: BTreeMap<String, RecExpr<Op>>,
+    /// Where the model's blocks meet, as the models mark them: `boundaries[0]` holds the
+    /// streams entering the first block, `boundaries[i]` the streams block `i - 1` leaves
+    /// (in the order the next block takes them). Lets a graph be cut into head, block ranges
+    /// and tail ([`Graph::part`]). Not kept by passes (they run on the parts).
+    pub boundaries: Vec<Vec<Id>>,
+    /// Named intermediate values the models expose for analysis (attention K/V/outputs per
+    /// layer, each block's modulated input); outputs only when asked for.
+    pub taps: Vec<(String, Id)>,
 }
 
 impl std::fmt::Debug for Graph {
@@ -189,6 +197,18 @@ impl Graph {
     /// Marks `id` as a named result.
     pub fn output(&mut self, name: &str, id: Id) {
         self.outputs.push((name.to_string(), id));
+    }
+    /// Marks the streams that flow into the next block (see [`Graph::boundaries`]).
+    pub fn mark_boundary(&mut self, streams: &[Id]) {
+        self.boundaries.push(streams.to_vec());
+    }
+    /// Exposes an intermediate value under `name` (see [`Graph::taps`]).
+    pub fn tap(&mut self, name: impl Into<String>, id: Id) {
+        self.taps.push((name.into(), id));
+    }
+    /// The value tapped as `name`.
+    pub fn tapped(&self, name: &str) -> Option<Id> {
+        self.taps.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
     }
 
     // ------------------------------------------------------------------ compute

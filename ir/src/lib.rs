@@ -5,9 +5,12 @@
 //!   both the [`Graph`] builder and the e-graph [`ShapeAnalysis`] use;
 //! - [`Graph`]: a hash-consed DAG with named outputs and fused-kernel bodies;
 //! - [`text`]: the SSA printer and parser (they round-trip), [`dot`]: Graphviz export;
-//! - [`verify()`]: the checks run after every pass.
+//! - [`verify()`]: the checks run after every pass;
+//! - [`cut`]: a model graph cut at its block boundaries into parts (pipeline stages, the
+//!   block stack that step caching skips).
 
 pub mod analysis;
+pub mod cut;
 pub mod dot;
 mod dtype;
 mod error;

@@ -236,6 +236,7 @@ impl DiTConfig {
         let x = g.add_(x, pos)?;
         // The image token stream: what sequence parallelism splits across ranks.
         let mut x = g.seq(x)?;
+        g.mark_boundary(&[x]);
 
         let mut cond0 = None;
         for i in 0..self.num_layers {
@@ -243,6 +244,7 @@ impl DiTConfig {
             let emb = self.label_timestep_embedding(&mut g, t, labels, &prefix)?;
             cond0.get_or_insert(emb);
             x = self.block(&mut g, x, emb, &prefix, act)?;
+            g.mark_boundary(&[x]);
             if opts.block_outputs {
                 g.output(&format!("block.transformer_blocks.{i}.out0"), x);
             }
@@ -295,6 +297,7 @@ impl DiTConfig {
 
         let n = g.layer_norm(x, ADA_LN_EPS)?;
         let n = layers::modulate(g, n, shift_msa, scale_msa)?;
+        g.tap(format!("{prefix}.modulated_input"), n);
         let a = attention(
             g,
             n,

@@ -365,10 +365,12 @@ impl FluxConfig {
         let ids = g.concat(0, &[txt_ids, img_ids])?;
         let (cos, sin) = g.rope_tables(ids, ROPE_THETA, &self.axes_dims_rope)?;
         let rope = Rope { cos, sin };
+        g.mark_boundary(&[c, x]);
 
         for i in 0..self.num_layers {
             let prefix = format!("transformer_blocks.{i}");
             (c, x) = double_block(&mut g, x, c, temb, &prefix, dims, rope)?;
+            g.mark_boundary(&[c, x]);
             if opts.block_outputs {
                 g.output(&format!("block.{prefix}.out0"), c);
                 g.output(&format!("block.{prefix}.out1"), x);
@@ -380,7 +382,8 @@ impl FluxConfig {
         let mut joint = g.concat(1, &[c, x])?;
         for i in 0..self.num_single_layers {
             let prefix = format!("single_transformer_blocks.{i}");
-            joint = single_block(&mut g, joint, temb, &prefix, dims, rope)?;
+            joint = single_block(&mut g, joint, temb, &prefix, dims, rope, t)?;
+            g.mark_boundary(&[joint]);
             if opts.block_outputs {
                 let c = g.slice(joint, 1, 0, t)?;
                 let x = g.slice(joint, 1, t, t + s)?;
@@ -421,12 +424,31 @@ fn rotate(g: &mut Graph, x: Id, rope: Rope, dims: Dims) -> R {
     Ok(g.reshape(r, &s)?)
 }
 
-/// Attention over already-concatenated tokens, RoPE on q and k after their norms.
-fn rope_attention(g: &mut Graph, q: Id, k: Id, v: Id, rope: Rope, dims: Dims) -> R {
+/// Attention over already-concatenated [text; image] tokens (`t` text tokens), RoPE on q
+/// and k after their norms.
+#[allow(clippy::too_many_arguments)]
+fn rope_attention(
+    g: &mut Graph,
+    q: Id,
+    k: Id,
+    v: Id,
+    rope: Rope,
+    dims: Dims,
+    prefix: &str,
+    t: usize,
+) -> R {
     let q = rotate(g, q, rope, dims)?;
     let k = rotate(g, k, rope, dims)?;
     let scale = 1.0 / (dims.head_dim as f64).sqrt();
-    Ok(g.attention(q, k, v, dims.heads, scale)?)
+    let o = g.attention(q, k, v, dims.heads, scale)?;
+    let n = g.shape(o)[1];
+    for (name, x) in [("k", k), ("v", v), ("out", o)] {
+        let txt = g.slice(x, 1, 0, t)?;
+        let img = g.slice(x, 1, t, n)?;
+        g.tap(format!("{prefix}.{name}_txt"), txt);
+        g.tap(format!("{prefix}.{name}_img"), img);
+    }
+    Ok(o)
 }
 
 /// AdaLayerNormZero-style modulation of LN(x) with (shift, scale).
@@ -450,6 +472,7 @@ fn double_block(
     let m = layers::ada_chunks(g, temb, &format!("{prefix}.norm1"), d, d, 6)?;
     let cm = layers::ada_chunks(g, temb, &format!("{prefix}.norm1_context"), d, d, 6)?;
     let nx = ada_norm(g, x, m[0], m[1])?;
+    g.tap(format!("{prefix}.modulated_input"), nx);
     let nc = ada_norm(g, c, cm[0], cm[1])?;
 
     let a = format!("{prefix}.attn");
@@ -463,8 +486,8 @@ fn double_block(
     let q = g.concat(1, &[cq, q])?;
     let k = g.concat(1, &[ck, k])?;
     let v = g.concat(1, &[cv, v])?;
-    let o = rope_attention(g, q, k, v, rope, dims)?;
     let t = g.shape(c)[1];
+    let o = rope_attention(g, q, k, v, rope, dims, &a, t)?;
     let n_all = g.shape(o)[1];
     let o_txt = g.slice(o, 1, 0, t)?;
     let o_img = g.slice(o, 1, t, n_all)?;
@@ -484,19 +507,29 @@ fn double_block(
 }
 
 /// diffusers `FluxSingleTransformerBlock` on the joint [text; image] stream.
-fn single_block(g: &mut Graph, s: Id, temb: Id, prefix: &str, dims: Dims, rope: Rope) -> R {
+#[allow(clippy::too_many_arguments)]
+fn single_block(
+    g: &mut Graph,
+    s: Id,
+    temb: Id,
+    prefix: &str,
+    dims: Dims,
+    rope: Rope,
+    t: usize,
+) -> R {
     let d = dims.dim;
     let mlp_dim = 4 * d;
     // AdaLayerNormZeroSingle: (shift, scale, gate).
     let m = layers::ada_chunks(g, temb, &format!("{prefix}.norm"), d, d, 3)?;
     let ns = ada_norm(g, s, m[0], m[1])?;
+    g.tap(format!("{prefix}.modulated_input"), ns);
     let mlp = layers::linear(g, ns, &format!("{prefix}.proj_mlp"), d, mlp_dim, true)?;
     let mlp = g.gelu_tanh(mlp)?;
     let a = format!("{prefix}.attn");
     let q = proj(g, ns, &a, "to_q", Some("norm_q"), dims)?;
     let k = proj(g, ns, &a, "to_k", Some("norm_k"), dims)?;
     let v = proj(g, ns, &a, "to_v", None, dims)?;
-    let o = rope_attention(g, q, k, v, rope, dims)?;
+    let o = rope_attention(g, q, k, v, rope, dims, &a, t)?;
     let h = g.concat(2, &[o, mlp])?;
     let y = layers::linear(g, h, &format!("{prefix}.proj_out"), d + mlp_dim, d, true)?;
     layers::gated_residual(g, s, m[2], y)

@@ -265,6 +265,11 @@ pub(crate) fn attention(
     let k = linear(g, ctx, &format!("{prefix}.to_k"), ctx_dim, inner, bias)?;
     let v = linear(g, ctx, &format!("{prefix}.to_v"), ctx_dim, inner, bias)?;
     let o = g.attention(q, k, v, heads, 1.0 / (head_dim as f64).sqrt())?;
+    // Self-attention keys are image tokens; cross-attention keys are the caption's.
+    let keys = if ctx == x { "img" } else { "txt" };
+    g.tap(format!("{prefix}.k_{keys}"), k);
+    g.tap(format!("{prefix}.v_{keys}"), v);
+    g.tap(format!("{prefix}.out_img"), o);
     linear(g, o, &format!("{prefix}.to_out.0"), inner, dim, true)
 }
 

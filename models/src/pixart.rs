@@ -341,6 +341,7 @@ impl PixArtConfig {
         let x = g.add_(x, pos)?;
         // The image token stream: what sequence parallelism splits across ranks.
         let mut x = g.seq(x)?;
+        g.mark_boundary(&[x]);
 
         // AdaLayerNormSingle: returns linear(SiLU(emb)) for the blocks and emb itself
         // ("embedded_timestep") for the final layer.
@@ -371,6 +372,7 @@ impl PixArtConfig {
         for i in 0..self.num_layers {
             let prefix = format!("transformer_blocks.{i}");
             x = self.block(&mut g, x, t6, ctx, ctx_dim, &prefix, act)?;
+            g.mark_boundary(&[x]);
             if opts.block_outputs {
                 g.output(&format!("block.transformer_blocks.{i}.out0"), x);
             }
@@ -431,6 +433,7 @@ impl PixArtConfig {
 
         let n = layer_norm(g, x, &format!("{prefix}.norm1"), d, self.norm_eps, affine)?;
         let n = layers::modulate(g, n, shift_msa, scale_msa)?;
+        g.tap(format!("{prefix}.modulated_input"), n);
         let a = attention(g, n, n, &format!("{prefix}.attn1"), d, d, heads, hd, bias)?;
         let x = layers::gated_residual(g, x, gate_msa, a)?;
 

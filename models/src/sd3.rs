@@ -391,6 +391,7 @@ impl Sd3Config {
         )?;
         // The text stream joins the image in every attention: split it with the image.
         let mut c = g.seq(c)?;
+        g.mark_boundary(&[x, c]);
 
         for i in 0..self.num_layers {
             let pre_only = i + 1 == self.num_layers;
@@ -406,6 +407,12 @@ impl Sd3Config {
             }
             if opts.block_outputs {
                 g.output(&format!("block.{prefix}.out1"), x);
+            }
+            // The context_pre_only block ends the text stream.
+            if pre_only {
+                g.mark_boundary(&[x]);
+            } else {
+                g.mark_boundary(&[x, c]);
             }
         }
 
@@ -473,6 +480,9 @@ fn joint_attention(
     let cq = proj(g, c, prefix, "add_q_proj", Some("norm_added_q"), dims)?;
     let ck = proj(g, c, prefix, "add_k_proj", Some("norm_added_k"), dims)?;
     let cv = proj(g, c, prefix, "add_v_proj", None, dims)?;
+    for (name, id) in [("k_img", k), ("v_img", v), ("k_txt", ck), ("v_txt", cv)] {
+        g.tap(format!("{prefix}.{name}"), id);
+    }
     let q = g.concat(1, &[q, cq])?;
     let k = g.concat(1, &[k, ck])?;
     let v = g.concat(1, &[v, cv])?;
@@ -481,6 +491,8 @@ fn joint_attention(
     let n_all = g.shape(o)[1];
     let o_img = g.slice(o, 1, 0, n_img)?;
     let o_txt = g.slice(o, 1, n_img, n_all)?;
+    g.tap(format!("{prefix}.out_img"), o_img);
+    g.tap(format!("{prefix}.out_txt"), o_txt);
     let d = dims.dim;
     let img = layers::linear(g, o_img, &format!("{prefix}.to_out.0"), d, d, true)?;
     let txt = if pre_only {
@@ -504,6 +516,9 @@ fn self_attention(g: &mut Graph, x: Id, prefix: &str, dims: Dims) -> R {
     let k = proj(g, x, prefix, "to_k", Some("norm_k"), dims)?;
     let v = proj(g, x, prefix, "to_v", None, dims)?;
     let o = g.attention(q, k, v, dims.heads, scale(dims))?;
+    g.tap(format!("{prefix}.k_img"), k);
+    g.tap(format!("{prefix}.v_img"), v);
+    g.tap(format!("{prefix}.out_img"), o);
     layers::linear(
         g,
         o,
@@ -534,6 +549,7 @@ fn joint_block(
     let m = layers::ada_chunks(g, temb, &format!("{prefix}.norm1"), d, d, n)?;
     let ln_x = g.layer_norm(x, EPS)?;
     let nx = layers::modulate(g, ln_x, m[0], m[1])?;
+    g.tap(format!("{prefix}.modulated_input"), nx);
 
     // norm1_context: AdaLayerNormZero, or AdaLayerNormContinuous (scale, shift) in the last
     // block, whose text stream is not updated.
