@@ -17,6 +17,7 @@
 //! # Ok::<(), ditto::Error>(())
 //! ```
 
+pub mod analyze;
 pub mod bench;
 pub mod dist_env;
 mod error;
@@ -38,8 +39,8 @@ pub use ditto_codegen::Program;
 pub use ditto_models::tensor_file::{read_tensors, write_tensors, HostTensor};
 pub use ditto_models::{BuildOptions, Shapes, Summary};
 pub use error::Error;
-pub use model::{CompileOptions, Compiled, Model, Parallel, Session};
+pub use model::{CompileOptions, Compiled, Model, Parallel, Session, StaleConfig};
 pub use pipeline::{
-    GenerateRequest, Generation, Noise, Pipeline, PipelineError, Progress, PromptEmbeds,
-    TimestepSchedule,
+    CachePolicy, CacheReport, GenerateRequest, Generation, Noise, Pipeline, PipelineError,
+    Progress, PromptEmbeds, TeaCacheRescale, TimestepSchedule,
 };

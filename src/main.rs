@@ -38,6 +38,9 @@ enum Command {
     Run(RunArgs),
     /// Generate images with a diffusers pipeline folder (default: the built-in shapes model).
     Generate(GenerateArgs),
+    /// Record how much every layer's K, V, attention output and block output change between
+    /// denoising steps (CSV, SVG plots, stability summary); optionally fit TeaCache.
+    Analyze(AnalyzeArgs),
     /// Benchmarks (compare with bench/*.py, which time PyTorch on the same inputs).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -72,6 +75,39 @@ struct LaunchArgs {
     /// The subcommand each rank runs, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
+}
+
+/// PipeFusion: blocks in pipeline stages (one rank each), the image in row patches.
+#[derive(Args, Clone)]
+struct PipeFusionArgs {
+    /// Pipeline stages (ranks), each holding a contiguous range of blocks and only their
+    /// weights; patches attend to one-step-stale K/V of the others after --warmup-steps.
+    #[arg(long)]
+    pipefusion_degree: Option<usize>,
+    /// Row patches the image is cut into (they must divide the token rows).
+    #[arg(long, default_value_t = 2)]
+    num_pipeline_patch: usize,
+    /// Blocks per stage, comma-separated (default: balanced by estimated cost).
+    #[arg(long, value_delimiter = ',')]
+    attn_layer_num_for_pp: Vec<usize>,
+}
+
+impl PipeFusionArgs {
+    fn layout(&self, warmup_steps: usize) -> Result<Option<ditto::pipeline::PipeFusion>> {
+        let Some(stages) = self.pipefusion_degree else {
+            if !self.attn_layer_num_for_pp.is_empty() {
+                bail!("--attn-layer-num-for-pp needs --pipefusion-degree");
+            }
+            return Ok(None);
+        };
+        Ok(Some(ditto::pipeline::PipeFusion {
+            stages,
+            patches: self.num_pipeline_patch,
+            blocks_per_stage: (!self.attn_layer_num_for_pp.is_empty())
+                .then(|| self.attn_layer_num_for_pp.clone()),
+            warmup_steps,
+        }))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -161,9 +197,61 @@ struct ParallelArgs {
     /// Link preset of the cost model: nvlink, pcie or ethernet.
     #[arg(long, default_value = "nvlink")]
     link: String,
+    /// DistriFusion (displaced patch parallelism): N ranks, each computing one of N equal
+    /// patches of the image; after --warmup-steps exact steps, each attends to the other
+    /// patches' K/V of the previous step, exchanged in one batched all-gather per step.
+    /// Composes with --use-cfg-parallel (2N ranks); not with --ulysses/--ring-degree.
+    #[arg(long)]
+    distrifusion_degree: Option<usize>,
+    /// PCPP (with --distrifusion-degree): after warmup, each patch attends to itself and to
+    /// this portion F (0 < F <= 1) of each neighbouring patch, exchanging only those rows.
+    #[arg(long)]
+    pcpp_portion: Option<f32>,
+    /// Denoising steps run exactly before stale activations are used (DistriFusion, PCPP,
+    /// PipeFusion). One exact step fills every layer's K/V buffers, which is all the stale
+    /// steps need (xDiT's default; DistriFusion's own code uses 4, for a little more
+    /// quality at the price of three more synchronous steps).
+    #[arg(long, default_value_t = 1)]
+    warmup_steps: usize,
 }
 
 impl ParallelArgs {
+    /// `--distrifusion-degree` and `--pcpp-portion` checked against the other flags: the
+    /// stale layout, or `None` for exact parallelism.
+    fn stale(&self) -> Result<Option<(usize, ditto::StaleConfig)>> {
+        let Some(n) = self.distrifusion_degree else {
+            if self.pcpp_portion.is_some() {
+                bail!("--pcpp-portion needs --distrifusion-degree N (PCPP is DistriFusion with partial neighbour attention)");
+            }
+            return Ok(None);
+        };
+        if n == 0 {
+            bail!("--distrifusion-degree must be at least 1");
+        }
+        if self.ulysses_degree != 1 || self.ring_degree != 1 {
+            bail!(
+                "--distrifusion-degree with --ulysses-degree or --ring-degree is not supported: \
+                 displaced patch parallelism splits the image over its own ranks (it composes \
+                 with --use-cfg-parallel only)"
+            );
+        }
+        if self.parallel.is_some() {
+            bail!("--distrifusion-degree with --parallel auto is not supported: give the layout explicitly");
+        }
+        if let Some(f) = self.pcpp_portion {
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+                bail!("--pcpp-portion must be in (0, 1], got {f}");
+            }
+        }
+        Ok(Some((
+            n,
+            ditto::StaleConfig {
+                pcpp_portion: self.pcpp_portion,
+                warmup_steps: self.warmup_steps,
+            },
+        )))
+    }
+
     /// The layout. In a multi-process run (`env`), `--parallel auto` defaults to the
     /// launcher's world size, and ranks other than 0 keep the cost model's candidates off
     /// the output (rank 0 prints them once; every rank makes the same choice).
@@ -174,6 +262,8 @@ impl ParallelArgs {
         env: Option<&DistEnv>,
     ) -> Result<ditto::Parallel> {
         let quiet = env.is_some_and(|e| e.rank != 0);
+        // The flag combinations first, whatever the branch.
+        self.stale()?;
         let link = ditto::passes::shard_sequence::link_preset(&self.link)
             .ok_or_else(|| anyhow!("unknown --link `{}` (nvlink, pcie or ethernet)", self.link))?;
         match self.parallel.as_deref() {
@@ -207,9 +297,12 @@ impl ParallelArgs {
                 if self.ulysses_degree == 0 || self.ring_degree == 0 {
                     bail!("--ulysses-degree and --ring-degree must be at least 1");
                 }
+                let stale = self.stale()?;
+                // Displaced attention uses the whole Sp group as one axis; it is laid out
+                // as the Ring axis (no heads are split).
                 let mesh = ditto::ir::mesh::Mesh {
                     cfg: if self.use_cfg_parallel { 2 } else { 1 },
-                    ring: self.ring_degree,
+                    ring: stale.map_or(self.ring_degree, |(n, _)| n),
                     ulysses: self.ulysses_degree,
                 };
                 if let Some(n) = self.world_size {
@@ -227,6 +320,7 @@ impl ParallelArgs {
                     mesh,
                     choice: ditto::passes::MethodChoice::Forced,
                     link,
+                    stale: stale.map(|(_, c)| c),
                 })
             }
         }
@@ -302,6 +396,7 @@ fn main() -> ExitCode {
         Command::Compile(a) => compile(a),
         Command::Run(a) => run(a),
         Command::Generate(a) => generate(a),
+        Command::Analyze(a) => analyze(a),
         Command::Bench(BenchCommand::Forward(a)) => bench_forward_cmd(a),
         Command::Launch(a) => return launch(a),
     };
@@ -773,10 +868,26 @@ struct GenerateArgs {
     #[command(flatten)]
     parallel: ParallelArgs,
     #[command(flatten)]
+    pipefusion: PipeFusionArgs,
+    #[command(flatten)]
     timeout: TimeoutArgs,
     /// Print per-rank bytes sent per collective per step, next to the analytic volume.
     #[arg(long)]
     report: bool,
+    /// Also run the exact serial pipeline (one rank, no stale activations, no caching) on
+    /// the same request and print how far this run's image and latents are from it (PSNR,
+    /// max relative error).
+    #[arg(long)]
+    compare_serial: bool,
+    /// Step caching: `teacache:THRESH` (skip the block stack while the accumulated, rescaled
+    /// change of block 0's modulated input stays under THRESH), `fbcache:THRESH` (skip blocks
+    /// 1.. while block 0's residual changes less than THRESH, relative) or `none`.
+    #[arg(long, default_value = "none")]
+    cache: ditto::CachePolicy,
+    /// TeaCache's rescaling polynomial (a `teacache.json` written by `ditto analyze
+    /// --fit-teacache`), instead of the one next to the model's transformer config.
+    #[arg(long)]
+    teacache_rescale: Option<PathBuf>,
 }
 
 /// A class label given as a number or as a name from the pipeline's labels.
@@ -842,7 +953,23 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let shapes = model.family().default_shapes();
         a.parallel.resolve(model, &shapes, env.as_ref())?
     };
-    let mut pipe = pipe.with_parallel(parallel.clone());
+    let mut pipe = pipe
+        .with_parallel(parallel.clone())
+        .with_cache(a.cache.clone());
+    let pipefusion = a.pipefusion.layout(a.parallel.warmup_steps)?;
+    if pipefusion.is_some() && parallel.mesh.world_size() > 1 {
+        bail!(
+            "--pipefusion-degree with --ulysses-degree, --ring-degree, --use-cfg-parallel or \
+             --distrifusion-degree is not supported yet: PipeFusion runs one rank per stage"
+        );
+    }
+    pipe = pipe.with_pipefusion(pipefusion);
+    if let Some(path) = &a.teacache_rescale {
+        pipe = pipe.with_teacache_rescale(ditto::TeaCacheRescale::read(path)?);
+    }
+    if !a.cache.is_none() && a.pipefusion.pipefusion_degree.is_some() {
+        bail!("--cache does not combine with PipeFusion (--pipefusion-degree)");
+    }
     let per_condition = a.num_samples.unwrap_or(if builtin { 4 } else { 1 });
     if per_condition == 0 {
         bail!("--num-samples must be at least 1");
@@ -1045,6 +1172,7 @@ fn generate_run(
             }
         }
         Progress::Decoded { seconds } => eprintln!("decoded in {seconds:.2}s"),
+        Progress::Forward { .. } => {}
     });
     if let Some(pb) = bar.take() {
         pb.finish_and_clear();
@@ -1089,8 +1217,20 @@ fn generate_run(
             String::new()
         },
     );
+    let cache = pipe.cache_report().filter(|c| !c.policy.is_none());
+    if let Some(c) = cache {
+        println!("{}", ditto::report::cache_summary(c));
+    }
+    if a.compare_serial {
+        print!("{}", compare_serial(a, request, &gen)?);
+    }
     if a.report {
-        if let Some((program, stats)) = pipe.transformer_ranks() {
+        if let Some(c) = cache {
+            print!("{}", ditto::report::cache_steps(c, &gen.timesteps));
+        }
+        if let Some(rep) = pipe.pipefusion_report() {
+            print!("{}", ditto::report::pipefusion(rep));
+        } else if let Some((program, stats)) = pipe.transformer_ranks() {
             print!(
                 "{}",
                 ditto::report::communication(program, stats, gen.step_seconds.len())
@@ -1101,6 +1241,21 @@ fn generate_run(
         }
     }
     Ok(())
+}
+
+/// `--compare-serial`: the same request on the exact serial pipeline, and the distances.
+fn compare_serial(
+    a: &GenerateArgs,
+    request: &ditto::GenerateRequest,
+    gen: &ditto::Generation,
+) -> Result<String> {
+    let mut serial = match &a.model {
+        Some(dir) => ditto::Pipeline::load(dir)?,
+        None => ditto::Pipeline::builtin()?,
+    };
+    eprintln!("running the serial pipeline for --compare-serial...");
+    let reference = serial.generate(request)?;
+    Ok(ditto::report::versus_serial(&reference, gen))
 }
 
 #[derive(Args)]
@@ -1169,6 +1324,233 @@ fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
             path.display(),
             report.output.max_rel_err(want)
         );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct AnalyzeArgs {
+    /// Pipeline folder in diffusers' layout. Default: the built-in shapes-dit model (all its
+    /// classes unless --class-label is given).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt embeddings (text-encoder outputs, as for `generate`), one file per prompt;
+    /// repeat the flag or separate with commas. Each file is one condition.
+    #[arg(long, value_delimiter = ',')]
+    prompt_embeds: Vec<PathBuf>,
+    /// Class labels of a class-conditional model, numbers or names, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    class_label: Vec<String>,
+    /// Seeds; every condition runs once per seed (a batch of one class, or of the rows of
+    /// one prompt file).
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    seeds: Vec<u64>,
+    /// Step counts, comma-separated (default: the pipeline's). Several: the summary says
+    /// whether the curves keep their shape across step counts.
+    #[arg(long, value_delimiter = ',')]
+    steps: Vec<usize>,
+    /// Classifier-free guidance scale (default: the pipeline's).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Scheduler instead of the pipeline's (same betas): ddim, dpm, flow-euler, or a
+    /// diffusers class name.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Use the scheduler's own timestep spacing even where the pipeline passes sigmas.
+    #[arg(long)]
+    scheduler_timesteps: bool,
+    /// Image height in pixels (default: the model's sample size).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default: the model's sample size).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Folder for redundancy.csv, summary.txt, summary.json and the SVG plots.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also fit TeaCache's degree-4 rescaling polynomial (block 0's modulated-input change
+    /// -> model-output change) and save it as OUT/teacache.json and, for a pipeline folder,
+    /// transformer/teacache.json, where `generate --cache teacache:T` finds it.
+    #[arg(long)]
+    fit_teacache: bool,
+}
+
+fn analyze(a: AnalyzeArgs) -> Result<()> {
+    use ditto::analyze::{self as an, AnalyzeOptions, Condition};
+    use ditto::{Pipeline, PromptEmbeds, TimestepSchedule};
+
+    let builtin = a.model.is_none();
+    let mut pipe = match &a.model {
+        Some(dir) => Pipeline::load(dir)?,
+        None => Pipeline::builtin()?,
+    };
+    if let Some(s) = &a.scheduler {
+        let class = match s.to_ascii_lowercase().as_str() {
+            "ddim" => "DDIMScheduler",
+            "dpm" | "dpm-solver" | "dpmsolver" => "DPMSolverMultistepScheduler",
+            "flow-euler" | "flow-match" | "flow" => "FlowMatchEulerDiscreteScheduler",
+            _ => s.as_str(),
+        };
+        pipe = pipe.with_scheduler(class)?;
+    }
+    let conditions: Vec<Condition> = if let Some(n) = pipe.num_classes() {
+        if !a.prompt_embeds.is_empty() {
+            bail!(
+                "this {} model is class-conditional: use --class-label, not --prompt-embeds",
+                pipe.family()
+            );
+        }
+        let mut classes = a
+            .class_label
+            .iter()
+            .map(|c| parse_class(c, &pipe))
+            .collect::<Result<Vec<_>>>()?;
+        if classes.is_empty() {
+            if !builtin {
+                bail!(
+                    "this model is class-conditional: give --class-label (0..={})",
+                    n.saturating_sub(1)
+                );
+            }
+            classes = (0..n).collect();
+        }
+        classes
+            .into_iter()
+            .map(|label| Condition::Class {
+                label,
+                name: pipe.labels().get(&label).cloned().unwrap_or_default(),
+            })
+            .collect()
+    } else {
+        if !a.class_label.is_empty() {
+            bail!(
+                "this {} model is text-conditioned: use --prompt-embeds, not --class-label",
+                pipe.family()
+            );
+        }
+        if a.prompt_embeds.is_empty() {
+            bail!(
+                "this {} model is text-conditioned: give --prompt-embeds FILE (one or more)",
+                pipe.family()
+            );
+        }
+        a.prompt_embeds
+            .iter()
+            .map(|path| {
+                let stem = path.file_stem().map_or(path.display().to_string(), |s| {
+                    s.to_string_lossy().into_owned()
+                });
+                let name = if a
+                    .prompt_embeds
+                    .iter()
+                    .filter(|p| p.file_stem() == path.file_stem())
+                    .count()
+                    > 1
+                {
+                    path.display().to_string()
+                } else {
+                    stem
+                };
+                Ok(Condition::Prompt {
+                    name,
+                    embeds: PromptEmbeds::read(path)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let steps = if a.steps.is_empty() {
+        vec![pipe.default_steps()]
+    } else {
+        a.steps.clone()
+    };
+    if a.fit_teacache {
+        if let Some(n) = steps.iter().find(|&&n| n < an::FIT_MIN_STEPS) {
+            bail!(
+                "--fit-teacache needs at least {} steps per run (5 changes between the steps TeaCache decides on, to fit a degree-4 polynomial), got --steps {n}",
+                an::FIT_MIN_STEPS
+            );
+        }
+    }
+    if a.seeds.is_empty() {
+        bail!("--seeds: give at least one seed");
+    }
+    let opts = AnalyzeOptions {
+        conditions,
+        seeds: a.seeds.clone(),
+        steps,
+        guidance: a.guidance,
+        height: a.height,
+        width: a.width,
+        timesteps: if a.scheduler_timesteps {
+            TimestepSchedule::Scheduler
+        } else {
+            TimestepSchedule::Pipeline
+        },
+    };
+    let runs = opts.conditions.len() * opts.seeds.len() * opts.steps.len();
+    eprintln!(
+        "{} ({}, {}): {runs} run(s) of {:?} step(s), recording every layer...",
+        pipe.source(),
+        pipe.pipeline_class(),
+        pipe.scheduler_class(),
+        opts.steps
+    );
+    let total: usize = opts.steps.iter().sum::<usize>() * opts.conditions.len() * opts.seeds.len();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let analysis = an::record(&mut pipe, &opts, &mut |done, _| {
+        bar.set_position(done as u64)
+    });
+    bar.finish_and_clear();
+    let analysis = analysis?;
+    let files = an::write_outputs(&analysis, &a.out)?;
+    print!("{}", an::stability_text(&analysis, &analysis.summary()));
+    println!(
+        "wrote {} file(s) to {} (redundancy.csv, summary.txt, summary.json, {} SVG plots)",
+        files.len(),
+        a.out.display(),
+        files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "svg"))
+            .count()
+    );
+    if a.fit_teacache {
+        let rescale = an::fit_teacache(&analysis)?;
+        let path = a.out.join(ditto::pipeline::cache::TEACACHE_FILE);
+        rescale.write(&path)?;
+        let r2 = rescale
+            .fit
+            .as_ref()
+            .and_then(|f| f["r2"].as_f64())
+            .unwrap_or(f64::NAN);
+        println!(
+            "TeaCache polynomial (highest degree first): {:?}, R² {r2:.4}; wrote {}",
+            rescale.coefficients,
+            path.display()
+        );
+        if builtin {
+            println!(
+                "the built-in model's polynomial is compiled in: pass --teacache-rescale {} to `ditto generate`, or copy it to assets/shapes-dit/transformer/teacache.json and rebuild",
+                path.display()
+            );
+        } else {
+            let dest = pipe.teacache_path();
+            match rescale.write(&dest) {
+                Ok(()) => println!(
+                    "installed as {} (`ditto generate --cache teacache:T` uses it)",
+                    dest.display()
+                ),
+                Err(e) => eprintln!(
+                    "warning: could not install the polynomial next to the model ({e}); pass --teacache-rescale {} to `ditto generate`",
+                    path.display()
+                ),
+            }
+        }
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use ditto_passes::{
 };
 use ditto_runtime::comm::{CommStats, Communicator};
 use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
+use ditto_runtime::parallel::stale::StaleState;
 
 use crate::parallel::{RankOptions, Ranks};
 use crate::Error;
@@ -51,6 +52,36 @@ pub struct Parallel {
     pub choice: MethodChoice,
     /// The link preset of the cost model (`nvlink`, `pcie`, `ethernet`).
     pub link: Link,
+    /// Displaced patch parallelism (DistriFusion, PCPP) over the mesh's Sp ranks: every
+    /// attention over the image becomes displaced attention (`MethodChoice::Stale`, whatever
+    /// `choice` says), exact for the first `warmup_steps` denoising steps and one step stale
+    /// after. `None`: exact parallelism only.
+    pub stale: Option<StaleConfig>,
+}
+
+/// What a generation with displaced attention needs besides the mesh.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StaleConfig {
+    /// PCPP: each patch attends, in stale steps, to itself and to this portion
+    /// (0 < F <= 1) of each neighbouring patch, and exchanges only those edge rows;
+    /// `None`: DistriFusion (every patch, all-gathered).
+    pub pcpp_portion: Option<f32>,
+    /// Denoising steps run exactly (K/V gathered synchronously) before the stale ones.
+    pub warmup_steps: usize,
+}
+
+impl StaleConfig {
+    /// Checks the PCPP portion.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(f) = self.pcpp_portion {
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+                return Err(Error::Input(format!(
+                    "the PCPP portion must be in (0, 1], got {f}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Parallel {
@@ -59,6 +90,18 @@ impl Default for Parallel {
             mesh: Mesh::default(),
             choice: MethodChoice::Forced,
             link: ditto_passes::shard_sequence::NVLINK,
+            stale: None,
+        }
+    }
+}
+
+impl Parallel {
+    /// The attention forms the sharding pass may choose from: displaced attention when
+    /// staleness is asked for, else `choice`.
+    pub fn method_choice(&self) -> MethodChoice {
+        match self.stale {
+            Some(_) => MethodChoice::Stale,
+            None => self.choice.clone(),
         }
     }
 }
@@ -138,7 +181,11 @@ impl Model {
     /// it) and lowers it to a Program.
     pub fn compile_graph(&self, graph: Graph, opts: &CompileOptions) -> Result<Compiled, Error> {
         let p = &opts.parallel;
-        let shard = ShardSequence::new(p.mesh, p.choice.clone(), p.link);
+        if let Some(stale) = &p.stale {
+            stale.validate()?;
+            check_equal_patches(&graph, p.mesh.sp())?;
+        }
+        let shard = ShardSequence::new(p.mesh, p.method_choice(), p.link);
         let pipeline = Pipeline::new(vec![
             Box::new(Verify),
             Box::new(shard),
@@ -216,6 +263,7 @@ impl Model {
                 mesh: best,
                 choice: MethodChoice::Auto,
                 link,
+                stale: None,
             },
             candidates,
         ))
@@ -230,7 +278,9 @@ impl Model {
     ) -> Result<Ranks, Error> {
         let compiled = self.compile(shapes, opts)?;
         let weights = self.load_weights(&compiled.program)?;
-        Ok(Ranks::new(Arc::new(compiled.program), weights, rank_opts))
+        let mut ranks = Ranks::new(Arc::new(compiled.program), weights, rank_opts);
+        configure_stale(&mut ranks, &opts.parallel);
+        Ok(ranks)
     }
 
     /// The ranks of a program compiled from a graph of this model (e.g. a
@@ -243,7 +293,9 @@ impl Model {
     ) -> Result<Ranks, Error> {
         let compiled = self.compile_graph(graph, opts)?;
         let weights = self.load_weights(&compiled.program)?;
-        Ok(Ranks::new(Arc::new(compiled.program), weights, rank_opts))
+        let mut ranks = Ranks::new(Arc::new(compiled.program), weights, rank_opts);
+        configure_stale(&mut ranks, &opts.parallel);
+        Ok(ranks)
     }
 
     /// A ready-to-run session for `shapes`.
@@ -280,16 +332,60 @@ impl Model {
     }
 }
 
+/// A generation's schedule of displaced attention: PCPP portion and warmup steps.
+fn configure_stale(ranks: &mut Ranks, parallel: &Parallel) {
+    if let Some(st) = parallel.stale {
+        ranks.set_pcpp_portion(st.pcpp_portion);
+        ranks.set_warmup_steps(st.warmup_steps);
+    }
+}
+
+/// DistriFusion cuts the image into equal patches, one per Sp rank: the image tokens (the
+/// model's first token sequence) must divide by the degree. (Other sequences, such as
+/// text tokens in joint attention, are padded and masked.)
+fn check_equal_patches(graph: &Graph, parts: usize) -> Result<(), Error> {
+    use ditto_ir::Op;
+    let image = graph
+        .nodes()
+        .iter()
+        .enumerate()
+        .find(|(_, n)| matches!(n, Op::Seq(_)))
+        .map(|(i, _)| {
+            graph
+                .shape(ditto_ir::Id::from(i))
+                .get(1)
+                .copied()
+                .unwrap_or(0)
+        });
+    match image {
+        None => Err(Error::Input(
+            "displaced patch parallelism needs a token sequence, and this model marks none".into(),
+        )),
+        Some(tokens) if parts == 0 || tokens % parts != 0 => Err(Error::Input(format!(
+            "the displaced-patch degree {parts} does not divide the {tokens} image tokens: \
+             the image is cut into equal patches, one per rank (pick a degree that divides, \
+             or another image size)"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 /// A compiled program bound to its weights on the CPU backend.
 pub struct Session {
     executor: CpuExecutor,
+    /// For programs with displaced attention run through [`run`](Self::run): their K/V
+    /// across runs, in exact mode (one forward pass is exact).
+    stale: Option<StaleState>,
 }
 
 impl Session {
     pub fn new(program: Arc<Program>, weights: Weights) -> Result<Session, Error> {
-        Ok(Session {
-            executor: CpuExecutor::new(program, weights)?,
-        })
+        Self::from_executor(CpuExecutor::new(program, weights)?)
+    }
+
+    fn from_executor(executor: CpuExecutor) -> Result<Session, Error> {
+        let stale = executor.needs_stale_state().then(StaleState::default);
+        Ok(Session { executor, stale })
     }
 
     /// Rank `rank` of a multi-rank program, talking to the others through `comm`.
@@ -299,9 +395,7 @@ impl Session {
         rank: usize,
         comm: Box<dyn Communicator>,
     ) -> Result<Session, Error> {
-        Ok(Session {
-            executor: CpuExecutor::with_comm(program, weights, rank, comm)?,
-        })
+        Self::from_executor(CpuExecutor::with_comm(program, weights, rank, comm)?)
     }
 
     /// Bytes this rank sent, per collective (multi-rank sessions).
@@ -313,10 +407,32 @@ impl Session {
         self.executor.program()
     }
 
-    /// Runs on named inputs, checking names and shapes against the program.
+    /// Runs on named inputs, checking names and shapes against the program. A program
+    /// with displaced attention runs exactly, with a state of the session's own.
     pub fn run(
         &mut self,
         inputs: &BTreeMap<String, HostTensor>,
+    ) -> Result<BTreeMap<String, HostTensor>, Error> {
+        let mut own = self.stale.take();
+        let out = self.run_inner(inputs, own.as_mut());
+        self.stale = own;
+        out
+    }
+
+    /// [`run`](Self::run) with the displaced attentions' state across runs (see
+    /// `ditto_runtime::parallel::stale`): its mode, PCPP portion and stored K/V.
+    pub fn run_with_state(
+        &mut self,
+        inputs: &BTreeMap<String, HostTensor>,
+        state: &mut StaleState,
+    ) -> Result<BTreeMap<String, HostTensor>, Error> {
+        self.run_inner(inputs, Some(state))
+    }
+
+    fn run_inner(
+        &mut self,
+        inputs: &BTreeMap<String, HostTensor>,
+        state: Option<&mut StaleState>,
     ) -> Result<BTreeMap<String, HostTensor>, Error> {
         let program = self.executor.program();
         for name in inputs.keys() {
@@ -344,7 +460,10 @@ impl Session {
             }
             bound.push(&t.data);
         }
-        let outs = self.executor.run(&bound)?;
+        let outs = match state {
+            Some(st) => self.executor.run_with_state(&bound, st)?,
+            None => self.executor.run(&bound)?,
+        };
         let program = self.executor.program();
         Ok(program
             .outputs

@@ -8,9 +8,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ditto_codegen::Program;
+use ditto_codegen::{Program, SeqMethod, Step};
 use ditto_runtime::comm::{run_ranks, CommError, CommStats, Communicator, Group};
 use ditto_runtime::cpu::executor::Weights;
+use ditto_runtime::parallel::stale::{StaleMode, StaleState};
 
 use crate::{Error, HostTensor, Session};
 
@@ -158,6 +159,17 @@ pub struct Ranks {
     single: Option<Session>,
     /// Communication of every run so far, per rank.
     totals: RankStats,
+    /// Per rank, the K/V that displaced attention (DistriFusion, PCPP) keeps across runs.
+    /// They live here, not in the sessions: in-process ranks get a new session every run,
+    /// while the stores must last a whole generation. A multi-process run uses only its
+    /// own rank's entry. Empty when the program has no displaced attention.
+    stale: Vec<Mutex<StaleState>>,
+    /// With `Some(w)`, the first `w` runs after [`begin_generation`](Self::begin_generation)
+    /// are exact and the later ones stale (DistriFusion's warmup); `None`: the mode set by
+    /// [`set_stale_mode`](Self::set_stale_mode).
+    warmup_steps: Option<usize>,
+    /// Runs since the last reset of the states.
+    runs_since_reset: usize,
 }
 
 /// What every rank sent, for `--report`.
@@ -180,13 +192,102 @@ impl RankStats {
 
 impl Ranks {
     pub fn new(program: Arc<Program>, weights: Weights, opts: RankOptions) -> Ranks {
+        let displaced = program.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::SeqAttention {
+                    method: SeqMethod::Displaced,
+                    ..
+                }
+            )
+        });
+        let stale = if displaced {
+            (0..program.mesh.world_size())
+                .map(|_| Mutex::new(StaleState::default()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ranks {
             program,
             weights,
             opts,
             single: None,
             totals: RankStats::default(),
+            stale,
+            warmup_steps: None,
+            runs_since_reset: 0,
         }
+    }
+
+    /// Whether the program has displaced attention (state kept across runs).
+    pub fn is_stale(&self) -> bool {
+        !self.stale.is_empty()
+    }
+
+    fn states(&mut self) -> impl Iterator<Item = &mut StaleState> {
+        self.stale
+            .iter_mut()
+            .map(|m| m.get_mut().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// How the next runs' displaced attentions use their K/V: exact (warmup steps: the K/V
+    /// gathered synchronously) or stale (the other ranks' K/V of the previous run). Replaces
+    /// a warmup schedule ([`set_warmup_steps`](Self::set_warmup_steps)).
+    pub fn set_stale_mode(&mut self, mode: StaleMode) {
+        self.warmup_steps = None;
+        self.states().for_each(|s| s.mode = mode);
+    }
+
+    /// The mode by schedule: the first `steps` runs after
+    /// [`begin_generation`](Self::begin_generation) exact, the later ones stale. Every
+    /// run of the program counts as one denoising step.
+    pub fn set_warmup_steps(&mut self, steps: usize) {
+        self.warmup_steps = Some(steps);
+    }
+
+    /// PCPP: the portion of each neighbour's patch attended to in stale mode (`None`:
+    /// DistriFusion, every patch).
+    pub fn set_pcpp_portion(&mut self, portion: Option<f32>) {
+        self.states().for_each(|s| s.pcpp_portion = portion);
+    }
+
+    /// Forgets the stored K/V (between generations: a generation must not attend to the
+    /// previous one's keys) and restarts the warmup schedule.
+    pub fn reset_stale(&mut self) {
+        self.runs_since_reset = 0;
+        self.states().for_each(|s| s.reset());
+    }
+
+    /// Call before the first step of a generation: [`reset_stale`](Self::reset_stale).
+    pub fn begin_generation(&mut self) {
+        self.reset_stale();
+    }
+
+    /// Sets every state's mode from the warmup schedule for the coming run.
+    fn schedule_run(&mut self) {
+        if let Some(w) = self.warmup_steps {
+            let mode = if self.runs_since_reset < w {
+                StaleMode::Exact
+            } else {
+                StaleMode::Stale
+            };
+            self.states().for_each(|s| s.mode = mode);
+        }
+        self.runs_since_reset += 1;
+    }
+
+    /// Per rank, the bytes the displaced attentions' K/V stores hold (all zero without
+    /// displaced attention; a multi-process run knows only its own rank's).
+    pub fn kv_bytes(&self) -> Vec<usize> {
+        let world = self.program.mesh.world_size();
+        if self.stale.is_empty() {
+            return vec![0; world];
+        }
+        self.stale
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).kv_bytes())
+            .collect()
     }
 
     /// Bytes every rank sent over all runs so far.
@@ -210,6 +311,7 @@ impl Ranks {
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<(BTreeMap<String, HostTensor>, RankStats), Error> {
         let world = self.program.mesh.world_size();
+        self.schedule_run();
         if let (Some(comm), true) = (&self.opts.comm, world > 1) {
             return self.run_own_rank(comm.clone(), inputs);
         }
@@ -218,8 +320,15 @@ impl Ranks {
                 self.single = Some(Session::new(self.program.clone(), self.weights.clone())?);
             }
             let s = self.single.as_mut().expect("set above");
-            return Ok((s.run(inputs)?, RankStats::default()));
+            let out = match self.stale.first_mut() {
+                Some(st) => {
+                    s.run_with_state(inputs, st.get_mut().unwrap_or_else(|e| e.into_inner()))?
+                }
+                None => s.run(inputs)?,
+            };
+            return Ok((out, RankStats::default()));
         }
+        let stale = &self.stale;
         let results = run_ranks(world, self.opts.timeout, |comm| {
             let rank = ditto_runtime::comm::Communicator::rank(&comm);
             let mut s = Session::with_comm(
@@ -228,7 +337,14 @@ impl Ranks {
                 rank,
                 Box::new(comm),
             )?;
-            let out = s.run(inputs)?;
+            // Each rank locks only its own state: never contended.
+            let out = match stale.get(rank) {
+                Some(st) => {
+                    let mut st = st.lock().unwrap_or_else(|e| e.into_inner());
+                    s.run_with_state(inputs, &mut st)?
+                }
+                None => s.run(inputs)?,
+            };
             let stats = s.comm_stats().cloned().unwrap_or_default();
             Ok::<_, Error>((out, stats))
         })
@@ -272,7 +388,12 @@ impl Ranks {
         // Per-run counters, as the in-process ranks (fresh communicators every run) give.
         comm.reset_stats();
         // A failure is announced to the peers by the executor itself.
-        let out = s.run(inputs)?;
+        let out = match self.stale.get_mut(rank) {
+            Some(st) => {
+                s.run_with_state(inputs, st.get_mut().unwrap_or_else(|e| e.into_inner()))?
+            }
+            None => s.run(inputs)?,
+        };
         let stats = RankStats {
             per_rank: vec![comm.current_stats()],
         };

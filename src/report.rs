@@ -48,6 +48,13 @@ pub fn analytic_bytes(p: &Program) -> (f64, f64, f64) {
                         a2a += (2.0 * qn + 2.0 * kn) * f * (u - 1.0) / u * ELEMENT_BYTES;
                         p2p += 2.0 * kn * f * (r - 1.0) * ELEMENT_BYTES;
                     }
+                    SeqMethod::Displaced => {
+                        // DistriFusion: the local K and V go to every other member, per
+                        // step (synchronously in warmup, batched after a stale step);
+                        // PCPP sends only edge rows (`stale::analytic_step_bytes`).
+                        let n = mesh.sp() as f64;
+                        gather += 2.0 * kn * (n - 1.0) * ELEMENT_BYTES;
+                    }
                 }
             }
             _ => {}
@@ -77,7 +84,7 @@ pub fn padding(p: &Program) -> ((usize, usize), (usize, usize)) {
                 let deg = match method {
                     SeqMethod::Ulysses => p.mesh.sp(),
                     SeqMethod::Usp => p.mesh.ulysses,
-                    SeqMethod::Ring => 1,
+                    SeqMethod::Ring | SeqMethod::Displaced => 1,
                 };
                 heads.0 += h.div_ceil(deg) * deg;
                 heads.1 += h;
@@ -154,6 +161,28 @@ pub fn communication(p: &Program, stats: &RankStats, forwards: usize) -> String 
         out,
         "(model: Ulysses 4(N-1)/N^2 * B*S*D*bytes per attention, Ring 2(N-1)/N * B*S*D*bytes, all-gather (N-1)/N of the full tensor; heads padded to the Ulysses degree count)"
     );
+    let stores: f64 = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::SeqAttention {
+                method: SeqMethod::Displaced,
+                batch,
+                sk,
+                heads,
+                head_dim,
+                ..
+            } => Some((2 * batch * sk * m.sp() * heads * head_dim) as f64 * ELEMENT_BYTES),
+            _ => None,
+        })
+        .sum();
+    if stores > 0.0 {
+        let _ = writeln!(
+            out,
+            "(displaced attention: the model row is DistriFusion's volume, sent by a warmup step as 2 all-gathers per layer and by a stale step as 1 batched all-gather; PCPP's stale steps send instead 2 x ceil(F x rows/N) edge rows of K and V per layer to each neighbour; every rank holds K/V stores of {})",
+            mib(stores)
+        );
+    }
     let ((rows, valid), (heads, real)) = padding(p);
     if rows > valid || heads > real {
         let _ = writeln!(
@@ -164,6 +193,125 @@ pub fn communication(p: &Program, stats: &RankStats, forwards: usize) -> String 
         );
     } else {
         let _ = writeln!(out, "padding: none");
+    }
+    out
+}
+
+/// `--compare-serial`: how far an approximate run (stale activations, step caching) is
+/// from the exact serial run of the same request.
+pub fn versus_serial(reference: &crate::Generation, run: &crate::Generation) -> String {
+    let img = crate::quality::distance(&reference.image.data, &run.image.data);
+    let lat = crate::quality::distance(&reference.latents.data, &run.latents.data);
+    format!(
+        "vs serial: image PSNR {} (max rel err {:.3e}); latents max rel err {:.3e}, rel L2 {:.3e}\n",
+        if img.psnr_db.is_finite() {
+            format!("{:.2} dB", img.psnr_db)
+        } else {
+            "inf (identical)".to_string()
+        },
+        img.max_rel_err,
+        lat.max_rel_err,
+        lat.rel_l2
+    )
+}
+
+/// `--report` of a PipeFusion generation: stages, per-rank memory, and traffic per step
+/// next to the analytic volume.
+pub fn pipefusion(rep: &crate::pipeline::PipeFusionReport) -> String {
+    let mut out = String::new();
+    let steps = rep.steps.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "PipeFusion: {} stage(s) of blocks {}; {} of {} step(s) warmup (exact)",
+        rep.stage_blocks.len(),
+        rep.stage_blocks
+            .iter()
+            .map(|r| format!("{}..{}", r.start, r.end))
+            .collect::<Vec<_>>()
+            .join(", "),
+        rep.warmup_steps,
+        rep.steps
+    );
+    let _ = writeln!(
+        out,
+        "{:<6} {:>14} {:>14} {:>18} {:>18}",
+        "rank", "weights", "K/V buffers", "sent per step", "analytic per step"
+    );
+    for (r, st) in rep.comm.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{:<6} {:>14} {:>14} {:>18} {:>18}",
+            r,
+            mib(rep.weight_bytes.get(r).copied().unwrap_or(0) as f64),
+            mib(rep.kv_bytes.get(r).copied().unwrap_or(0) as f64),
+            mib(st.total_bytes() as f64 / steps),
+            mib(rep.analytic_step_bytes.get(r).copied().unwrap_or(0) as f64),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(analytic: stage s sends its carried streams once per step, patch by patch; the last stage sends the latents back to stage 0 after every step but the last)"
+    );
+    out
+}
+
+/// One line on what a step cache did: policy, steps computed, and the rescaling polynomial
+/// TeaCache used (an identity one says no fit was found).
+pub fn cache_summary(c: &crate::CacheReport) -> String {
+    let n = c.computed.len();
+    let mut s = format!(
+        "cache {}: {} of {n} step(s) computed, {} skipped",
+        c.policy,
+        c.computed_steps(),
+        n - c.computed_steps()
+    );
+    if let Some(r) = &c.rescale {
+        let _ = write!(s, "; rescale: {r}");
+    }
+    s
+}
+
+/// `--report` of a cached generation: every step, computed or skipped, with the number the
+/// policy compared with its threshold.
+pub fn cache_steps(c: &crate::CacheReport, timesteps: &[f32]) -> String {
+    let mut out = String::new();
+    let skipped = c.skipped_steps();
+    let _ = writeln!(
+        out,
+        "skipped steps: {}",
+        if skipped.is_empty() {
+            "none".to_string()
+        } else {
+            skipped
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    let what = match c.policy {
+        crate::CachePolicy::TeaCache { .. } => "accumulated rescaled change",
+        crate::CachePolicy::FirstBlock { .. } => "block-0 residual change",
+        crate::CachePolicy::None => "-",
+    };
+    let _ = writeln!(
+        out,
+        "{:>5} {:>10} {:>9} {:>28}",
+        "step", "timestep", "blocks", what
+    );
+    for (i, &computed) in c.computed.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{:>5} {:>10} {:>9} {:>28}",
+            i,
+            timesteps.get(i).map_or("-".to_string(), |t| format!("{t}")),
+            if computed { "computed" } else { "skipped" },
+            c.indicator
+                .get(i)
+                .copied()
+                .flatten()
+                .map_or("-".to_string(), |v| format!("{v:.4e}"))
+        );
     }
     out
 }

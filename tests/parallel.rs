@@ -20,6 +20,7 @@ fn layout(cfg: usize, ring: usize, ulysses: usize) -> Parallel {
         mesh: Mesh { cfg, ring, ulysses },
         choice: MethodChoice::Forced,
         link: NVLINK,
+        stale: None,
     }
 }
 

@@ -318,12 +318,8 @@ pub fn lower(g: &Graph) -> Result<Program, CodegenError> {
                         Op::SeqAttention(ch) => {
                             let heads = int(ch[3])?;
                             let qs = g.shape(ch[0]);
-                            let method = match g.node(ch[5]).name().as_str() {
-                                "ulysses" => SeqMethod::Ulysses,
-                                "ring" => SeqMethod::Ring,
-                                "usp" => SeqMethod::Usp,
-                                _ => return Err(bad(id, "unknown sequence-parallel method")),
-                            };
+                            let method = SeqMethod::parse(&g.node(ch[5]).name())
+                                .ok_or_else(|| bad(id, "unknown sequence-parallel method"))?;
                             Step::SeqAttention {
                                 q: v(ch[0])?,
                                 k: v(ch[1])?,

@@ -228,6 +228,11 @@ pub enum Step {
     /// the Sp ranks. q: [B, sq, heads * head_dim] local rows, k/v: [B, sk, heads * head_dim]
     /// local rows laid out as `key_segments` (padding rows are masked out). Output: the
     /// local query rows. Heads that do not divide the Ulysses degree are padded inside.
+    ///
+    /// `Displaced`: the local queries attend to a store of every Sp member's K/V that the
+    /// runtime keeps across runs (denoising steps): gathered synchronously in exact mode,
+    /// one step stale for the other members in stale mode (DistriFusion), or only the
+    /// neighbours' edge rows (PCPP). See `ditto_runtime::parallel::stale`.
     SeqAttention {
         q: ValueId,
         k: ValueId,
@@ -336,6 +341,7 @@ impl Step {
                 SeqMethod::Ulysses => "ulysses_attention",
                 SeqMethod::Ring => "ring_attention",
                 SeqMethod::Usp => "usp_attention",
+                SeqMethod::Displaced => "displaced_attention",
             },
         }
     }

@@ -528,8 +528,12 @@ fn infer_shape<'a>(op: &'a Op, get: impl Fn(Id) -> &'a Meta) -> Result<Meta, IrE
             let heads = c.usize(ch[3])?;
             c.float(ch[4])?;
             let method = c.name(ch[5])?;
-            if !matches!(method.as_str(), "ulysses" | "ring" | "usp") {
-                return Err(c.err(format!("unknown method `{method}` (ulysses, ring, usp)")));
+            if crate::mesh::SeqMethod::parse(method.as_str()).is_none() {
+                let known: Vec<&str> = crate::mesh::SeqMethod::ALL
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect();
+                return Err(c.err(format!("unknown method `{method}` ({})", known.join(", "))));
             }
             if ch[6..].len() % 2 != 0 {
                 return Err(c.err("key segments must be pairs `LOCAL VALID`"));

@@ -110,6 +110,7 @@ impl SeqMethod {
             SeqMethod::Ulysses => "ulysses",
             SeqMethod::Ring => "ring",
             SeqMethod::Usp => "usp",
+            SeqMethod::Displaced => "displaced",
         }
     }
     pub fn parse(s: &str) -> Option<SeqMethod> {
@@ -117,6 +118,7 @@ impl SeqMethod {
             "ulysses" => SeqMethod::Ulysses,
             "ring" => SeqMethod::Ring,
             "usp" => SeqMethod::Usp,
+            "displaced" => SeqMethod::Displaced,
             _ => return None,
         })
     }
@@ -131,4 +133,20 @@ pub enum SeqMethod {
     Ring,
     /// Ulysses over the Ulysses axis, then Ring over the Ring axis on the gathered blocks.
     Usp,
+    /// Displaced patch parallelism (DistriFusion, PCPP, PipeFusion): the local queries
+    /// attend to a per-layer store of every Sp member's K/V that persists across denoising
+    /// steps. Exact when the store is gathered synchronously (warmup); an approximation
+    /// when the other members' slots hold the previous step's K/V, exchanged after the
+    /// step. Needs the runtime's stale state (`ditto_runtime::parallel::stale`).
+    Displaced,
+}
+
+impl SeqMethod {
+    /// Every method, in the order the IR's error messages list them.
+    pub const ALL: [SeqMethod; 4] = [
+        SeqMethod::Ulysses,
+        SeqMethod::Ring,
+        SeqMethod::Usp,
+        SeqMethod::Displaced,
+    ];
 }

@@ -34,6 +34,14 @@ pub enum MethodChoice {
     Forced,
     /// Every method (and the gathered form); the cost model picks per attention.
     Auto,
+    /// Displaced patch parallelism (DistriFusion, PCPP, PipeFusion's patches): every self-
+    /// or joint attention over the split sequence becomes `seq_attention ... displaced`,
+    /// whose K/V of the other Sp members may be one denoising step stale. Unlike the other
+    /// choices this also shards a mesh whose Sp degree is 1 (seeding the sequences with one
+    /// part), so that a 1-part and an M-part program of the same graph have the same
+    /// displaced attentions in the same order: PipeFusion runs its warmup steps with the
+    /// former and its patch steps with the latter over one shared stale state.
+    Stale,
 }
 
 #[derive(Clone, Debug)]
@@ -83,6 +91,10 @@ impl ShardSequence {
                 }],
                 allow_gather: false,
             },
+            MethodChoice::Stale => Offer {
+                methods: vec![SeqMethod::Displaced],
+                allow_gather: false,
+            },
             MethodChoice::Auto => {
                 let mut methods = vec![SeqMethod::Ulysses, SeqMethod::Ring];
                 if m.ulysses > 1 && m.ring > 1 {
@@ -101,7 +113,7 @@ impl ShardSequence {
     /// all attentions of a model use one method and the comparison is between whole
     /// programs.
     pub fn plan(&self, g: &Graph) -> Result<(Graph, ShardPlan, Vec<String>), PassError> {
-        if self.choice == MethodChoice::Forced {
+        if matches!(self.choice, MethodChoice::Forced | MethodChoice::Stale) {
             return self.plan_with(g, &self.offer());
         }
         let m = self.mesh;
@@ -224,7 +236,8 @@ impl ShardSequence {
         }
         let mut padded_rows = 0;
         let mut valid_rows = 0;
-        if m.sp() > 1 {
+        // Displaced attention shards even over one part (see `MethodChoice::Stale`).
+        if m.sp() > 1 || self.choice == MethodChoice::Stale {
             let mut marked = 0;
             for (i, n) in g.nodes().iter().enumerate() {
                 if let Op::Seq(_) = n {
@@ -293,7 +306,7 @@ impl ShardSequence {
         };
         let extraction_model = match self.choice {
             MethodChoice::Auto => model,
-            MethodChoice::Forced => CostModel {
+            MethodChoice::Forced | MethodChoice::Stale => CostModel {
                 link: Link {
                     name: "free",
                     latency_s: 0.0,
@@ -302,8 +315,23 @@ impl ShardSequence {
                 ..model
             },
         };
+        let stale = self.choice == MethodChoice::Stale;
         let best = dag_extract::extract(&eg, |node, class| {
-            extraction_model.node_cost(&eg, node, &eg[class].data)
+            // Displaced attention is what the user asked for: an attention over gathered
+            // queries (the unsharded original) must not win, which it could on one part,
+            // where the local and the gathered forms cost the same.
+            if stale && rules::attends_gathered_queries(&eg, node) {
+                return f64::INFINITY;
+            }
+            let cost = extraction_model.node_cost(&eg, node, &eg[class].data);
+            // On one part the local and the gathered forms of an op cost the same; break
+            // the tie towards the local rows, so that the 1-part program has the M-part
+            // program's structure (gathers in the same places).
+            if stale && !matches!(node, Op::AllGather(_)) && rules::has_sp_gather(&eg, class, None)
+            {
+                return cost + 1e-12;
+            }
+            cost
         });
         let pick = |id: Id| {
             best.get(&eg.find(id))
@@ -446,7 +474,7 @@ impl Pass for ShardSequence {
         "shard_sequence"
     }
     fn run(&self, g: &Graph) -> Result<PassOutcome, PassError> {
-        if self.mesh.world_size() == 1 {
+        if self.mesh.world_size() == 1 && self.choice != MethodChoice::Stale {
             return Ok(PassOutcome::new(
                 g.clone(),
                 vec!["one rank: nothing to shard".into()],

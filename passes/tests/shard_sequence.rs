@@ -96,3 +96,50 @@ fn one_rank_changes_nothing() {
     let g = small();
     assert_eq!(shard(&g, Mesh::default()), text::print(&g));
 }
+
+fn shard_stale(g: &Graph, sp: usize) -> String {
+    let mesh = Mesh {
+        cfg: 1,
+        ring: 1,
+        ulysses: sp,
+    };
+    let out = ShardSequence::new(mesh, MethodChoice::Stale, NVLINK)
+        .run(g)
+        .unwrap()
+        .graph;
+    verify(&out).unwrap();
+    text::print(&out)
+}
+
+#[test]
+fn stale_choice_makes_displaced_attention_even_on_one_part() {
+    // Displaced attention on 2 parts, and on 1: the same program with parts 1, so that
+    // PipeFusion's warmup (1 part) and patch (M parts) programs have the same attentions.
+    let g = small();
+    let two = shard_stale(&g, 2);
+    assert_eq!(
+        two,
+        "\
+input hidden_states: f32[2, 6, 8]
+weight to_q.weight: f32[8, 8]
+%0 = seq in:hidden_states  # f32[2, 6, 8]
+%1 = shard %0 1 sp 2 3 6  # f32[2, 3, 8] split(axis 1, 2 ranks, mesh sp)
+%2 = linear %1 w:to_q.weight  # f32[2, 3, 8] split(axis 1, 2 ranks, mesh sp)
+%3 = seq_attention %2 %2 %2 2 0.5 displaced 3 6  # f32[2, 3, 8] split(axis 1, 2 ranks, mesh sp)
+%4 = silu %3  # f32[2, 3, 8] split(axis 1, 2 ranks, mesh sp)
+%5 = add %4 %1  # f32[2, 3, 8] split(axis 1, 2 ranks, mesh sp)
+%6 = all_gather %5 1 sp 2 3 6  # f32[2, 6, 8]
+output sample = %6
+"
+    );
+    let one = shard_stale(&g, 1);
+    assert_eq!(
+        one,
+        two.replace("sp 2 3 6", "sp 1 6 6")
+            .replace("displaced 3 6", "displaced 6 6")
+            .replace(
+                "f32[2, 3, 8] split(axis 1, 2 ranks",
+                "f32[2, 6, 8] split(axis 1, 1 ranks"
+            )
+    );
+}

@@ -455,7 +455,7 @@ fn seq_attention_matches_serial_on_all_meshes() {
 fn ulysses_degree(c: &AttnCase) -> usize {
     match c.method {
         SeqMethod::Ulysses => c.mesh.sp(),
-        SeqMethod::Ring => 1,
+        SeqMethod::Ring | SeqMethod::Displaced => 1,
         SeqMethod::Usp => c.mesh.ulysses,
     }
 }
@@ -498,6 +498,7 @@ fn comm_volumes_match_the_analytic_formulas() {
             Ulysses => (p, 1),
             Ring => (1, p),
             Usp => (m.ulysses as u64, m.ring as u64),
+            SeqMethod::Displaced => unreachable!("not among these cases"),
         };
         let d = (c.heads as u64).div_ceil(u) * u * hd;
         let d_real = c.heads as u64 * hd;

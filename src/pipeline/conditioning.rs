@@ -278,7 +278,6 @@ impl BatchInputs {
     /// Sets `hidden_states` (the latents, twice over for CFG) and `timestep` for one step.
     /// Flux takes `t / 1000` (FluxPipeline divides; the model multiplies back).
     pub fn set_step(&mut self, family: &FamilyConfig, latents: &HostTensor, t: f32) {
-        let rows = self.shapes.batch;
         let hs = if self.cfg {
             let mut shape = latents.shape.clone();
             shape[0] *= 2;
@@ -289,11 +288,17 @@ impl BatchInputs {
         } else {
             latents.clone()
         };
+        self.inputs.insert("hidden_states".into(), hs);
+        self.set_timestep(family, t);
+    }
+
+    /// Sets `timestep` alone (what the pipeline stages after the first take).
+    pub fn set_timestep(&mut self, family: &FamilyConfig, t: f32) {
+        let rows = self.shapes.batch;
         let t = match family {
             FamilyConfig::Flux(_) => t / 1000.0,
             _ => t,
         };
-        self.inputs.insert("hidden_states".into(), hs);
         self.inputs.insert(
             "timestep".into(),
             HostTensor::new(vec![rows], vec![t; rows]),

@@ -28,12 +28,14 @@
 //!    one (pixel-space models), the final latents are the image.
 
 mod builtin;
+pub mod cache;
 mod conditioning;
 mod folder;
 mod guidance;
 mod image;
 pub mod noise;
 mod packing;
+pub mod pipefusion;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,8 +50,10 @@ use crate::{CompileOptions, HostTensor, Model, Parallel};
 use conditioning::{BatchInputs, Condition, FamilyConfig};
 use guidance::Guidance;
 
+pub use cache::{CachePolicy, CacheReport, TeaCacheRescale};
 pub use image::{grid, to_u8, write_png, RgbImage};
 pub use noise::torch_randn;
+pub use pipefusion::{PipeFusion, PipeFusionReport};
 
 /// Errors of loading a pipeline and generating with it; each names its cause.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +193,8 @@ pub struct GenerateRequest {
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub timesteps: TimestepSchedule,
+    /// Step caching for this request (default: the pipeline's, see [`Pipeline::with_cache`]).
+    pub cache: Option<CachePolicy>,
 }
 
 impl GenerateRequest {
@@ -202,6 +208,7 @@ impl GenerateRequest {
             height: None,
             width: None,
             timesteps: TimestepSchedule::Pipeline,
+            cache: None,
         }
     }
     /// Class-conditional generation, seed 0.
@@ -239,6 +246,10 @@ impl GenerateRequest {
         self.timesteps = schedule;
         self
     }
+    pub fn with_cache(mut self, policy: CachePolicy) -> Self {
+        self.cache = Some(policy);
+        self
+    }
 }
 
 /// The result of [`Pipeline::generate`].
@@ -269,6 +280,14 @@ pub enum Progress<'a> {
         timestep: f32,
         latents: &'a HostTensor,
         seconds: f64,
+    },
+    /// The transformer's outputs of step `step`, before guidance and the scheduler:
+    /// `sample`, and the values asked for with [`Pipeline::with_taps`]. `computed` is false
+    /// when a step cache skipped (part of) the block stack.
+    Forward {
+        step: usize,
+        outputs: &'a BTreeMap<String, HostTensor>,
+        computed: bool,
     },
     /// The VAE decoded the final latents (not sent for pixel-space models).
     Decoded { seconds: f64 },
@@ -336,6 +355,12 @@ pub struct Pipeline {
     rank_options: RankOptions,
     transformer_sessions: SessionCache,
     vae_sessions: SessionCache,
+    /// Step caching, taps, and the part programs they run (see [`cache`]).
+    steps: cache::StepOptions,
+    /// Run the transformer as PipeFusion stages instead (see [`pipefusion`]).
+    pipefusion: Option<PipeFusion>,
+    pipefusion_stages: Option<pipefusion::Stages>,
+    pipefusion_report: Option<PipeFusionReport>,
 }
 
 fn parse_scheduler(text: &str, path: &Path) -> Result<Box<dyn Scheduler>, PipelineError> {
@@ -383,6 +408,10 @@ impl Pipeline {
             vae_sessions: SessionCache {
                 entries: Vec::new(),
             },
+            steps: Default::default(),
+            pipefusion: None,
+            pipefusion_stages: None,
+            pipefusion_report: None,
         })
     }
 
@@ -419,6 +448,10 @@ impl Pipeline {
             vae_sessions: SessionCache {
                 entries: Vec::new(),
             },
+            steps: Default::default(),
+            pipefusion: None,
+            pipefusion_stages: None,
+            pipefusion_report: None,
         })
     }
 
@@ -431,7 +464,22 @@ impl Pipeline {
     pub fn with_parallel(mut self, parallel: Parallel) -> Pipeline {
         self.parallel = parallel;
         self.transformer_sessions.entries.clear();
+        self.steps.clear_compiled();
         self
+    }
+
+    /// Runs the transformer as PipeFusion stages (the image in row patches flowing through
+    /// stages of blocks, attending to one-step-stale K/V of the other patches) for later
+    /// generations; `None` goes back to [`with_parallel`](Self::with_parallel)'s layout.
+    pub fn with_pipefusion(mut self, layout: Option<PipeFusion>) -> Pipeline {
+        self.pipefusion = layout;
+        self.pipefusion_stages = None;
+        self
+    }
+
+    /// What the last PipeFusion generation did per stage (weights, K/V buffers, traffic).
+    pub fn pipefusion_report(&self) -> Option<&PipeFusionReport> {
+        self.pipefusion_report.as_ref()
     }
 
     /// How the transformer's ranks run for later generations: the collective timeout, and a
@@ -441,6 +489,7 @@ impl Pipeline {
     pub fn with_rank_options(mut self, opts: RankOptions) -> Pipeline {
         self.rank_options = opts;
         self.transformer_sessions.entries.clear();
+        self.steps.clear_compiled();
         self
     }
 
@@ -550,19 +599,83 @@ impl Pipeline {
             },
         };
 
+        if let Some(layout) = self.pipefusion.clone() {
+            let policy = req.cache.as_ref().unwrap_or(&self.steps.policy);
+            if *policy != CachePolicy::None {
+                return Err(PipelineError::Request(
+                    "step caching with PipeFusion is not supported yet: use --cache none".into(),
+                ));
+            }
+            let t0 = Instant::now();
+            let reuse = self
+                .pipefusion_stages
+                .as_ref()
+                .is_some_and(|s| s.shapes == batch.shapes && s.layout == layout);
+            if !reuse {
+                self.pipefusion_stages = None;
+                self.pipefusion_stages = Some(pipefusion::compile_stages(
+                    &self.transformer,
+                    &batch.shapes,
+                    &layout,
+                    &self.parallel,
+                )?);
+            }
+            let compile_seconds = if reuse {
+                0.0
+            } else {
+                t0.elapsed().as_secs_f64()
+            };
+            on_progress(Progress::Compiled {
+                seconds: compile_seconds,
+                num_steps: timesteps.len(),
+            });
+            let run = pipefusion::Run {
+                family: &self.family,
+                batch: &batch,
+                mix,
+                timesteps: &timesteps,
+                latents: &latents,
+                scheduler_path: &self.scheduler_path,
+                scheduler: std::sync::Mutex::new(Some(sched)),
+            };
+            let stages = self.pipefusion_stages.as_ref().expect("compiled above");
+            let (latents, step_seconds, report) =
+                pipefusion::denoise(stages, &run, &self.rank_options, on_progress)?;
+            self.pipefusion_report = Some(report);
+            let timing = (compile_seconds, step_seconds);
+            return self.finish(latents, (lh, lw), timesteps, batch.cfg, timing, on_progress);
+        }
+
+        // Displaced attention (DistriFusion, PCPP): every generation starts with empty K/V
+        // stores and runs its warmup steps exactly (`Ranks::begin_generation`).
+        for (_, ranks) in &mut self.transformer_sessions.entries {
+            ranks.begin_generation();
+        }
         let t0 = Instant::now();
-        let component = || format!("transformer of {}", self.source);
-        let (session, compiled) =
-            self.transformer_sessions
-                .get_or_compile(&batch.shapes, || {
-                    let opts = CompileOptions {
-                        parallel: self.parallel.clone(),
-                        ..Default::default()
-                    };
-                    self.transformer
-                        .ranks(&batch.shapes, &opts, self.rank_options.clone())
-                        .map_err(|error| PipelineError::model(component(), error))
-                })?;
+        // The whole forward, or the parts a step cache or the taps need (see `cache`).
+        let policy = req
+            .cache
+            .clone()
+            .unwrap_or_else(|| self.steps.policy.clone());
+        let rescale = match policy {
+            CachePolicy::TeaCache { .. } => Some(self.teacache_rescale()?),
+            _ => None,
+        };
+        let cx = cache::StepContext {
+            model: &self.transformer,
+            source: &self.source,
+            parallel: &self.parallel,
+            rank_options: &self.rank_options,
+            rescale,
+        };
+        let (mut stepper, compiled) = cache::Stepper::new(
+            &mut self.steps,
+            &mut self.transformer_sessions,
+            cx,
+            &batch.shapes,
+            policy,
+            timesteps.len(),
+        )?;
         let compile_seconds = if compiled {
             t0.elapsed().as_secs_f64()
         } else {
@@ -577,9 +690,7 @@ impl Pipeline {
         for (i, &t) in timesteps.iter().enumerate() {
             let ts = Instant::now();
             batch.set_step(&self.family, &latents, t);
-            let (out, _) = session
-                .run(&batch.inputs)
-                .map_err(|error| PipelineError::model(component(), error))?;
+            let out = stepper.run(i, &batch.inputs, on_progress)?;
             let sample = out.get("sample").ok_or_else(|| {
                 PipelineError::Internal("the transformer gave no `sample`".into())
             })?;
@@ -600,7 +711,22 @@ impl Pipeline {
                 seconds,
             });
         }
+        stepper.finish();
 
+        let timing = (compile_seconds, step_seconds);
+        self.finish(latents, (lh, lw), timesteps, batch.cfg, timing, on_progress)
+    }
+
+    /// Decodes the final latents and assembles the [`Generation`].
+    fn finish(
+        &mut self,
+        latents: HostTensor,
+        (lh, lw): (usize, usize),
+        timesteps: Vec<f32>,
+        cfg: bool,
+        (compile_seconds, step_seconds): (f64, Vec<f64>),
+        on_progress: &mut dyn FnMut(Progress),
+    ) -> Result<Generation, PipelineError> {
         let td = Instant::now();
         let image = self.decode(&latents, lh, lw)?;
         let decode_seconds = td.elapsed().as_secs_f64();
@@ -613,7 +739,7 @@ impl Pipeline {
             latents,
             image,
             timesteps,
-            cfg: batch.cfg,
+            cfg,
             compile_seconds,
             step_seconds,
             decode_seconds,

@@ -122,6 +122,15 @@ impl CostModel {
                 let kv = self.msg(2.0 * (b * sk * u) as f64 * width / u as f64);
                 4.0 * a2a + r as f64 * step + (r - 1) as f64 * (kv - step).max(0.0)
             }
+            SeqMethod::Displaced => {
+                // Local queries against every member's keys; the local K/V go to the
+                // other members by an all-gather that overlaps the step's compute (in
+                // stale mode it carries the next step's keys), so only what exceeds the
+                // compute shows.
+                let step = attn(sq, sk * n, heads);
+                let kv = (n - 1) as f64 * self.msg(2.0 * (b * sk) as f64 * width);
+                step + (kv - step).max(0.0)
+            }
         }
     }
 

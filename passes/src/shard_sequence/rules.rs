@@ -78,6 +78,23 @@ pub fn gathers(eg: &IrEGraph, id: Id) -> Vec<Gather> {
         .collect()
 }
 
+/// Whether `node` is an attention whose queries are gathered along the sequence over the
+/// Sp ranks (the unsharded form of an attention that has a sharded one).
+pub fn attends_gathered_queries(eg: &IrEGraph, node: &Op) -> bool {
+    let Op::Attention([q, ..]) = node else {
+        return false;
+    };
+    has_sp_gather(eg, *q, Some(1))
+}
+
+/// Whether the class of `id` is the gather of local rows over the Sp ranks (along `axis`,
+/// or any axis): it has a sharded form.
+pub fn has_sp_gather(eg: &IrEGraph, id: Id, axis: Option<usize>) -> bool {
+    gathers(eg, id)
+        .iter()
+        .any(|g| axis.is_none_or(|a| g.axis == a) && g.mesh_name(eg) == "sp")
+}
+
 /// Shards in the class of `id`: (x, axis, mesh, parts, segs).
 fn shards(eg: &IrEGraph, id: Id) -> Vec<Gather> {
     eg[id]

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ditto_codegen::{Program, Step, Storage, ValueId};
+use ditto_codegen::{MeshAxis, Program, SeqMethod, Step, Storage, ValueId};
 
 use super::fused::run_fused;
 use super::kernels::{attention, conv, embed, gemm, layout, norm};
 use crate::comm::{CommStats, Communicator};
+use crate::parallel::stale::{self, StaleState};
 use crate::parallel::{self, ParallelStats, RankCtx, SeqAttn};
 use crate::RuntimeError;
 
@@ -24,6 +25,9 @@ pub struct CpuExecutor {
     /// `None` for single-rank programs: their parallel steps need no communication.
     comm: Option<Box<dyn Communicator>>,
     parallel_stats: ParallelStats,
+    /// Built by [`virtual_ranks`](Self::virtual_ranks): plays every Sp member of the
+    /// program in turn, as [`StaleState::virtual_rank`] says.
+    virtual_ranks: bool,
 }
 
 /// Time spent per step kind during one run.
@@ -57,6 +61,50 @@ impl CpuExecutor {
             )));
         }
         Self::build(program, weights, 0, None)
+    }
+
+    /// One executor that plays every Sp member of a program in turn (PipeFusion's patches:
+    /// each run computes the patch [`StaleState::virtual_rank`] names), with no
+    /// communicator: a `Shard` takes that member's rows, an `AllGather` over Sp fills a
+    /// persistent assembly buffer, and displaced attention works on the shared K/V store
+    /// (see [`parallel::stale`]). The mesh must have no CFG split (`cfg = 1`), and every
+    /// sequence-parallel attention must be displaced (the others need real ranks).
+    /// Runs go through [`run_with_state`](Self::run_with_state).
+    pub fn virtual_ranks(program: Arc<Program>, weights: Weights) -> Result<Self, RuntimeError> {
+        let mesh = program.mesh;
+        if mesh.cfg != 1 {
+            return Err(RuntimeError::Binding(format!(
+                "virtual ranks play the sequence-parallel members of one CFG group; the \
+                 program was compiled for CFG degree {} ({mesh:?})",
+                mesh.cfg
+            )));
+        }
+        for (i, step) in program.steps.iter().enumerate() {
+            let bad = match step {
+                Step::SeqAttention { method, .. } if *method != SeqMethod::Displaced => {
+                    Some("only displaced attention can run on virtual ranks".to_string())
+                }
+                Step::Shard {
+                    mesh: axis, parts, ..
+                }
+                | Step::AllGather {
+                    mesh: axis, parts, ..
+                } if *axis != MeshAxis::Sp && *parts > 1 => Some(format!(
+                    "virtual ranks split over the `sp` axis only, not `{}`",
+                    axis.as_str()
+                )),
+                _ => None,
+            };
+            if let Some(why) = bad {
+                return Err(RuntimeError::Unsupported(format!(
+                    "step {i} (`{}`): {why}",
+                    step.kind()
+                )));
+            }
+        }
+        let mut e = Self::build(program, weights, 0, None)?;
+        e.virtual_ranks = true;
+        Ok(e)
     }
 
     /// An executor for rank `rank` of a multi-rank program, talking to the other ranks
@@ -124,6 +172,7 @@ impl CpuExecutor {
             rank,
             comm,
             parallel_stats: ParallelStats::default(),
+            virtual_ranks: false,
         })
     }
 
@@ -184,7 +233,33 @@ impl CpuExecutor {
     /// Runs the program on `inputs` (in `Program::inputs` order) and returns the outputs in
     /// `Program::outputs` order.
     pub fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        self.run_announced(inputs, None)
+        self.run_announced(inputs, None, None)
+    }
+
+    /// [`run`](Self::run) for programs with displaced attention: `state` holds every
+    /// displaced attention's K/V across runs (the denoising steps of one generation) and
+    /// says how to use them ([`StaleState::mode`], PCPP portion, virtual rank). In stale
+    /// mode the run ends with the exchange of the fresh K/V for the next run. Every rank
+    /// keeps its own state; reset it between generations.
+    pub fn run_with_state(
+        &mut self,
+        inputs: &[&[f32]],
+        state: &mut StaleState,
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        self.run_announced(inputs, None, Some(state))
+    }
+
+    /// Whether the program has displaced attention (and so needs a [`StaleState`]).
+    pub fn needs_stale_state(&self) -> bool {
+        self.program.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::SeqAttention {
+                    method: SeqMethod::Displaced,
+                    ..
+                }
+            )
+        })
     }
 
     /// Like [`run`](Self::run), also timing each step kind.
@@ -193,7 +268,7 @@ impl CpuExecutor {
         inputs: &[&[f32]],
     ) -> Result<(Vec<Vec<f32>>, Profile), RuntimeError> {
         let mut p = Profile::default();
-        let out = self.run_announced(inputs, Some(&mut p))?;
+        let out = self.run_announced(inputs, Some(&mut p), None)?;
         Ok((out, p))
     }
 
@@ -204,8 +279,9 @@ impl CpuExecutor {
         &mut self,
         inputs: &[&[f32]],
         profile: Option<&mut Profile>,
+        state: Option<&mut StaleState>,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        let result = self.run_inner(inputs, profile);
+        let result = self.run_inner(inputs, profile, state);
         if let (Err(e), Some(comm)) = (&result, self.comm.as_deref_mut()) {
             comm.fail(&e.to_string());
         }
@@ -216,8 +292,13 @@ impl CpuExecutor {
         &mut self,
         inputs: &[&[f32]],
         mut profile: Option<&mut Profile>,
+        mut state: Option<&mut StaleState>,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let program = self.program.clone();
+        let member = self.check_state(state.as_deref())?;
+        if let Some(st) = state.as_deref_mut() {
+            st.begin_run()?;
+        }
         if inputs.len() != program.inputs.len() {
             return Err(RuntimeError::Binding(format!(
                 "the program takes {} inputs, {} were given",
@@ -238,10 +319,25 @@ impl CpuExecutor {
         }
         for (i, step) in program.steps.iter().enumerate() {
             let t0 = profile.as_ref().map(|_| Instant::now());
-            self.exec(&program, step, inputs)
+            self.exec(&program, step, inputs, member, state.as_deref_mut())
                 .map_err(|e| in_step(e, i, step))?;
             if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
                 p.add(step.kind(), t0.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(st) = state {
+            let t0 = profile.as_ref().map(|_| Instant::now());
+            let mut ctx = RankCtx {
+                mesh: program.mesh,
+                rank: member.unwrap_or(self.rank),
+                comm: match self.comm.as_mut() {
+                    Some(c) => Some(c.as_mut()),
+                    None => None,
+                },
+            };
+            stale::finish_run(&mut ctx, st)?;
+            if let (Some(p), Some(t0)) = (profile, t0) {
+                p.add("stale_exchange", t0.elapsed().as_secs_f64());
             }
         }
         Ok(program
@@ -251,11 +347,46 @@ impl CpuExecutor {
             .collect())
     }
 
+    /// The virtual member this run plays (`None`: the executor's own rank), after checking
+    /// that the state and the executor agree.
+    fn check_state(&self, state: Option<&StaleState>) -> Result<Option<usize>, RuntimeError> {
+        let sp = self.program.mesh.sp();
+        let vr = state.and_then(|s| s.virtual_rank);
+        match (self.virtual_ranks, vr) {
+            (true, Some(i)) if i < sp => Ok(Some(i)),
+            (true, Some(i)) => Err(RuntimeError::Input(format!(
+                "virtual rank {i} is outside the program's {sp} sequence-parallel part(s)"
+            ))),
+            (true, None) if state.is_none() => Err(RuntimeError::Binding(
+                "an executor of virtual ranks runs with run_with_state and a StaleState".into(),
+            )),
+            (true, None) => Err(RuntimeError::Input(
+                "an executor of virtual ranks needs StaleState::virtual_rank: the part to compute"
+                    .into(),
+            )),
+            // One part: the virtual rank is the only one there is.
+            (false, Some(0)) if self.program.mesh.world_size() == 1 => Ok(None),
+            (false, Some(i)) => Err(RuntimeError::Binding(format!(
+                "the stale state asks for virtual rank {i}, but this executor runs rank {} of \
+                 a real mesh: build it with CpuExecutor::virtual_ranks",
+                self.rank
+            ))),
+            (false, None) => Ok(None),
+        }
+    }
+
     fn read<'a>(&'a self, p: &Program, v: ValueId, inputs: &[&'a [f32]]) -> &'a [f32] {
         read_value(&self.buffers, &self.weights, p, v, inputs)
     }
 
-    fn exec(&mut self, p: &Program, step: &Step, inputs: &[&[f32]]) -> Result<(), RuntimeError> {
+    fn exec(
+        &mut self,
+        p: &Program,
+        step: &Step,
+        inputs: &[&[f32]],
+        member: Option<usize>,
+        state: Option<&mut StaleState>,
+    ) -> Result<(), RuntimeError> {
         let out_v = &p.values[step.output()];
         let Storage::Buffer(ob) = out_v.storage else {
             return Err(RuntimeError::Binding(
@@ -271,9 +402,10 @@ impl CpuExecutor {
         // stay available to the parallel steps.
         let (buffers, weights) = (&self.buffers, &self.weights);
         let r = |v: ValueId| read_value(buffers, weights, p, v, inputs);
+        // A virtual member is the rank with that Sp index (the mesh has no CFG split).
         let mut ctx = RankCtx {
             mesh: p.mesh,
-            rank: self.rank,
+            rank: member.unwrap_or(self.rank),
             comm: match self.comm.as_mut() {
                 Some(c) => Some(c.as_mut()),
                 None => None,
@@ -458,10 +590,23 @@ impl CpuExecutor {
                 axis,
                 mesh,
                 segments,
+                parts,
                 ..
             } => {
-                result =
-                    parallel::all_gather(&mut ctx, r(*x), shape(*x), *axis, *mesh, segments, out)
+                result = match (member, state) {
+                    (Some(m), Some(st)) if *mesh == MeshAxis::Sp && *parts > 1 => {
+                        stale::virtual_all_gather(st, m, r(*x), shape(*x), *axis, segments, out)
+                    }
+                    _ => parallel::all_gather(
+                        &mut ctx,
+                        r(*x),
+                        shape(*x),
+                        *axis,
+                        *mesh,
+                        segments,
+                        out,
+                    ),
+                }
             }
             Step::SeqAttention {
                 q,
@@ -487,15 +632,21 @@ impl CpuExecutor {
                     scale: *scale,
                     key_segments,
                 };
-                result = parallel::seq_attention(
-                    &mut ctx,
-                    &a,
-                    r(*q),
-                    r(*k),
-                    r(*v),
-                    out,
-                    &mut self.parallel_stats,
-                );
+                result = match (method, state) {
+                    (SeqMethod::Displaced, Some(st)) => {
+                        self.parallel_stats.seq_attentions += 1;
+                        stale::displaced_attention(&mut ctx, st, &a, r(*q), r(*k), r(*v), out)
+                    }
+                    _ => parallel::seq_attention(
+                        &mut ctx,
+                        &a,
+                        r(*q),
+                        r(*k),
+                        r(*v),
+                        out,
+                        &mut self.parallel_stats,
+                    ),
+                };
             }
             Step::Fill { value, .. } => out.fill(*value),
             Step::Copy { x, .. } => out.copy_from_slice(r(*x)),

@@ -1,6 +1,6 @@
 //! The parallel steps of a Program on the CPU backend: `Shard`, `AllGather` and
-//! `SeqAttention` (Ulysses, Ring, USP), as specified by their doc comments in
-//! `ditto_codegen::program`.
+//! `SeqAttention` (Ulysses, Ring, USP, and displaced attention with its state across runs
+//! in [`stale`]), as specified by their doc comments in `ditto_codegen::program`.
 //!
 //! Every rank runs the same Program (SPMD); what differs is its rank, from which each step
 //! finds its mesh coordinates, its groups and its rows. Communication goes through the
@@ -15,6 +15,7 @@
 pub mod ring;
 pub mod segments;
 pub mod shard;
+pub mod stale;
 pub mod ulysses;
 
 use ditto_codegen::{Mesh, MeshAxis, Program, Segment, SeqMethod, Step};
@@ -234,6 +235,13 @@ pub fn seq_attention(
         SeqMethod::Ulysses => (ctx.group(MeshAxis::Sp), single),
         SeqMethod::Ring => (single, ctx.group(MeshAxis::Sp)),
         SeqMethod::Usp => (ctx.group(MeshAxis::Ulysses), ctx.group(MeshAxis::Ring)),
+        SeqMethod::Displaced => {
+            return Err(RuntimeError::Unsupported(
+                "displaced attention keeps K/V across runs: run the program with \
+                 CpuExecutor::run_with_state and a StaleState"
+                    .into(),
+            ))
+        }
     };
     let (uc, rc) = (ugroup.size(), rgroup.size());
     let (ui, ri) = (

@@ -114,6 +114,34 @@ pub fn assemble(
     }
 }
 
+/// Member `member`'s part of [`assemble`]: its local rows `local` go to their places in
+/// `out` (the full tensor), padding dropped; the other members' rows are left as they are.
+/// This is a virtual rank's all-gather (`parallel::stale`).
+pub fn assemble_member(
+    local: &[f32],
+    view: AxisView,
+    segs: &[Segment],
+    member: usize,
+    out: &mut [f32],
+) {
+    let inner = view.inner;
+    let (full_rows, local_rows) = (segments::valid_rows(segs), segments::local_rows(segs));
+    for o in 0..view.outer {
+        let dst = &mut out[o * full_rows * inner..(o + 1) * full_rows * inner];
+        let src = &local[o * local_rows * inner..(o + 1) * local_rows * inner];
+        let (mut s0, mut d0) = (0, 0);
+        for seg in segs {
+            let n = segments::member_valid(seg, member);
+            if n > 0 {
+                let to = (d0 + member * seg.local) * inner;
+                dst[to..to + n * inner].copy_from_slice(&src[s0 * inner..(s0 + n) * inner]);
+            }
+            s0 += seg.local;
+            d0 += seg.valid;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +176,12 @@ mod tests {
         let mut back = vec![f32::NAN; 32];
         assemble(&gathered, parts, view, &segs, &mut back);
         assert_eq!(back, x);
+        // Member by member (a virtual rank's gather) gives the same.
+        let mut one_by_one = vec![f32::NAN; 32];
+        for m in 0..parts {
+            let local = &gathered[m * local_len..][..local_len];
+            assemble_member(local, view, &segs, m, &mut one_by_one);
+        }
+        assert_eq!(one_by_one, x);
     }
 }
