@@ -77,11 +77,13 @@ struct LaunchArgs {
     command: Vec<OsString>,
 }
 
-/// PipeFusion: blocks in pipeline stages (one rank each), the image in row patches.
+/// PipeFusion: blocks in pipeline stages, the image in row patches.
 #[derive(Args, Clone)]
 struct PipeFusionArgs {
-    /// Pipeline stages (ranks), each holding a contiguous range of blocks and only their
-    /// weights; patches attend to one-step-stale K/V of the others after --warmup-steps.
+    /// Pipeline stages, each holding a contiguous range of blocks and only their weights;
+    /// patches attend to one-step-stale K/V of the others after --warmup-steps. Each stage
+    /// runs on one rank, or on --ulysses-degree x --ring-degree (x 2 with
+    /// --use-cfg-parallel) ranks that split each patch exactly.
     #[arg(long)]
     pipefusion_degree: Option<usize>,
     /// Row patches the image is cut into (they must divide the token rows).
@@ -200,7 +202,8 @@ struct ParallelArgs {
     /// DistriFusion (displaced patch parallelism): N ranks, each computing one of N equal
     /// patches of the image; after --warmup-steps exact steps, each attends to the other
     /// patches' K/V of the previous step, exchanged in one batched all-gather per step.
-    /// Composes with --use-cfg-parallel (2N ranks); not with --ulysses/--ring-degree.
+    /// Composes with --ulysses-degree U (each patch on U ranks, exact inside: N x U ranks)
+    /// and --use-cfg-parallel (x 2); not with --ring-degree.
     #[arg(long)]
     distrifusion_degree: Option<usize>,
     /// PCPP (with --distrifusion-degree): after warmup, each patch attends to itself and to
@@ -228,11 +231,17 @@ impl ParallelArgs {
         if n == 0 {
             bail!("--distrifusion-degree must be at least 1");
         }
-        if self.ulysses_degree != 1 || self.ring_degree != 1 {
+        if self.ring_degree != 1 {
             bail!(
-                "--distrifusion-degree with --ulysses-degree or --ring-degree is not supported: \
-                 displaced patch parallelism splits the image over its own ranks (it composes \
-                 with --use-cfg-parallel only)"
+                "--distrifusion-degree with --ring-degree is not supported: displaced patch \
+                 parallelism passes the patches' K/V itself (it composes with --ulysses-degree \
+                 inside each patch and with --use-cfg-parallel)"
+            );
+        }
+        if self.ulysses_degree != 1 && self.pcpp_portion.is_some() {
+            bail!(
+                "--pcpp-portion with --ulysses-degree is not supported: PCPP's window is per \
+                 patch rank"
             );
         }
         if self.parallel.is_some() {
@@ -957,18 +966,24 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .with_parallel(parallel.clone())
         .with_cache(a.cache.clone());
     let pipefusion = a.pipefusion.layout(a.parallel.warmup_steps)?;
-    if pipefusion.is_some() && parallel.mesh.world_size() > 1 {
-        bail!(
-            "--pipefusion-degree with --ulysses-degree, --ring-degree, --use-cfg-parallel or \
-             --distrifusion-degree is not supported yet: PipeFusion runs one rank per stage"
-        );
+    if pipefusion.is_some() {
+        if a.parallel.distrifusion_degree.is_some() {
+            bail!(
+                "--pipefusion-degree with --distrifusion-degree is not supported: each \
+                 PipeFusion stage splits its patches with --ulysses-degree, --ring-degree and \
+                 --use-cfg-parallel"
+            );
+        }
+        if a.parallel.parallel.is_some() {
+            bail!(
+                "--pipefusion-degree with --parallel auto is not supported: give the layout \
+                 inside each stage explicitly (--ulysses-degree, --ring-degree, --use-cfg-parallel)"
+            );
+        }
     }
     pipe = pipe.with_pipefusion(pipefusion);
     if let Some(path) = &a.teacache_rescale {
         pipe = pipe.with_teacache_rescale(ditto::TeaCacheRescale::read(path)?);
-    }
-    if !a.cache.is_none() && a.pipefusion.pipefusion_degree.is_some() {
-        bail!("--cache does not combine with PipeFusion (--pipefusion-degree)");
     }
     let per_condition = a.num_samples.unwrap_or(if builtin { 4 } else { 1 });
     if per_condition == 0 {

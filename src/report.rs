@@ -13,12 +13,19 @@ const ELEMENT_BYTES: f64 = 4.0;
 /// Analytic bytes one rank sends per forward, by collective kind:
 /// (all_gather, all_to_all, send/recv).
 pub fn analytic_bytes(p: &Program) -> (f64, f64, f64) {
+    analytic_bytes_on(p, &p.mesh)
+}
+
+/// [`analytic_bytes`] with the group sizes of `groups` rather than the program's mesh: a
+/// program placed with virtual patches (PipeFusion) talks only to the ranks of one patch,
+/// which are the physical mesh's.
+pub fn analytic_bytes_on(p: &Program, groups: &ditto_codegen::Mesh) -> (f64, f64, f64) {
     let (mut gather, mut a2a, mut p2p) = (0.0, 0.0, 0.0);
     let numel = |v: usize| p.values[v].numel() as f64;
     for step in &p.steps {
         match step {
-            Step::AllGather { x, parts, .. } => {
-                gather += numel(*x) * (*parts as f64 - 1.0) * ELEMENT_BYTES;
+            Step::AllGather { x, mesh, .. } => {
+                gather += numel(*x) * (groups.size(*mesh) as f64 - 1.0) * ELEMENT_BYTES;
             }
             Step::SeqAttention {
                 q,
@@ -27,7 +34,7 @@ pub fn analytic_bytes(p: &Program) -> (f64, f64, f64) {
                 heads,
                 ..
             } => {
-                let mesh = p.mesh;
+                let mesh = groups;
                 // Heads are padded up to a multiple of the Ulysses degree.
                 let pad = |deg: usize| (heads.div_ceil(deg) * deg) as f64 / *heads as f64;
                 let (qn, kn) = (numel(*q), numel(*k));
@@ -42,18 +49,20 @@ pub fn analytic_bytes(p: &Program) -> (f64, f64, f64) {
                         let n = mesh.sp() as f64;
                         p2p += 2.0 * kn * (n - 1.0) * ELEMENT_BYTES;
                     }
-                    SeqMethod::Usp => {
+                    SeqMethod::Usp | SeqMethod::Displaced => {
+                        // Ulysses inside; then Ring passes K/V around, and displaced
+                        // attention (DistriFusion) sends the local K and V to every other
+                        // ring member per step (synchronously in warmup, batched after a
+                        // stale step; PCPP sends only edge rows).
                         let (u, r) = (mesh.ulysses as f64, mesh.ring as f64);
                         let f = pad(mesh.ulysses);
                         a2a += (2.0 * qn + 2.0 * kn) * f * (u - 1.0) / u * ELEMENT_BYTES;
-                        p2p += 2.0 * kn * f * (r - 1.0) * ELEMENT_BYTES;
-                    }
-                    SeqMethod::Displaced => {
-                        // DistriFusion: the local K and V go to every other member, per
-                        // step (synchronously in warmup, batched after a stale step);
-                        // PCPP sends only edge rows (`stale::analytic_step_bytes`).
-                        let n = mesh.sp() as f64;
-                        gather += 2.0 * kn * (n - 1.0) * ELEMENT_BYTES;
+                        let kv = 2.0 * kn * f * (r - 1.0) * ELEMENT_BYTES;
+                        if *method == SeqMethod::Usp {
+                            p2p += kv;
+                        } else {
+                            gather += kv;
+                        }
                     }
                 }
             }
@@ -83,8 +92,8 @@ pub fn padding(p: &Program) -> ((usize, usize), (usize, usize)) {
             } => {
                 let deg = match method {
                     SeqMethod::Ulysses => p.mesh.sp(),
-                    SeqMethod::Usp => p.mesh.ulysses,
-                    SeqMethod::Ring | SeqMethod::Displaced => 1,
+                    SeqMethod::Usp | SeqMethod::Displaced => p.mesh.ulysses,
+                    SeqMethod::Ring => 1,
                 };
                 heads.0 += h.div_ceil(deg) * deg;
                 heads.1 += h;
@@ -172,7 +181,11 @@ pub fn communication(p: &Program, stats: &RankStats, forwards: usize) -> String 
                 heads,
                 head_dim,
                 ..
-            } => Some((2 * batch * sk * m.sp() * heads * head_dim) as f64 * ELEMENT_BYTES),
+            } => Some(
+                // With Ulysses inside, a rank stores its share of the heads.
+                (2 * batch * sk * m.sp() * heads.div_ceil(m.ulysses) * head_dim) as f64
+                    * ELEMENT_BYTES,
+            ),
             _ => None,
         })
         .sum();
@@ -220,37 +233,55 @@ pub fn versus_serial(reference: &crate::Generation, run: &crate::Generation) -> 
 pub fn pipefusion(rep: &crate::pipeline::PipeFusionReport) -> String {
     let mut out = String::new();
     let steps = rep.steps.max(1) as f64;
+    let m = rep.stage_mesh;
+    let group = m.world_size().max(1);
     let _ = writeln!(
         out,
-        "PipeFusion: {} stage(s) of blocks {}; {} of {} step(s) warmup (exact)",
+        "PipeFusion: {} stage(s) of blocks {}, {} patch(es); each stage on cfg {} x ring {} x ulysses {} = {group} rank(s); {} of {} step(s) warmup (exact)",
         rep.stage_blocks.len(),
         rep.stage_blocks
             .iter()
             .map(|r| format!("{}..{}", r.start, r.end))
             .collect::<Vec<_>>()
             .join(", "),
+        rep.patches,
+        m.cfg,
+        m.ring,
+        m.ulysses,
         rep.warmup_steps,
         rep.steps
     );
     let _ = writeln!(
         out,
-        "{:<6} {:>14} {:>14} {:>18} {:>18}",
-        "rank", "weights", "K/V buffers", "sent per step", "analytic per step"
+        "{:<6} {:>6} {:>14} {:>14} {:>18} {:>18} {:>18}",
+        "rank",
+        "stage",
+        "weights",
+        "K/V buffers",
+        "sent per step",
+        "analytic per step",
+        "analytic (warmup)"
     );
     for (r, st) in rep.comm.iter().enumerate() {
         let _ = writeln!(
             out,
-            "{:<6} {:>14} {:>14} {:>18} {:>18}",
+            "{:<6} {:>6} {:>14} {:>14} {:>18} {:>18} {:>18}",
             r,
+            r / group,
             mib(rep.weight_bytes.get(r).copied().unwrap_or(0) as f64),
             mib(rep.kv_bytes.get(r).copied().unwrap_or(0) as f64),
             mib(st.total_bytes() as f64 / steps),
             mib(rep.analytic_step_bytes.get(r).copied().unwrap_or(0) as f64),
+            mib(rep.analytic_warmup_bytes.get(r).copied().unwrap_or(0) as f64),
         );
     }
+    let measured: u64 = rep.comm.iter().map(|c| c.total_bytes()).sum();
+    let analytic: u64 = rep.analytic_total_bytes.iter().sum();
     let _ = writeln!(
         out,
-        "(analytic: stage s sends its carried streams once per step, patch by patch; the last stage sends the latents back to stage 0 after every step but the last)"
+        "(analytic: each rank sends the next stage's counterpart its rows of the carried streams once per step, patch by patch, and the last stage sends the latents back after every step but the last; inside a stage, Ulysses' all-to-alls and the ring's K/V gathers of each patch, and the gathers of the outputs. Whole generation: measured {}, analytic {} without skipped patches)",
+        mib(measured as f64),
+        mib(analytic as f64)
     );
     out
 }
@@ -265,6 +296,13 @@ pub fn cache_summary(c: &crate::CacheReport) -> String {
         c.computed_steps(),
         n - c.computed_steps()
     );
+    if !c.patches.is_empty() {
+        let (done, all) = c.computed_patches();
+        let _ = write!(
+            s,
+            " (PipeFusion patches decide apart: {done} of {all} patch steps computed)"
+        );
+    }
     if let Some(r) = &c.rescale {
         let _ = write!(s, "; rescale: {r}");
     }
@@ -300,12 +338,26 @@ pub fn cache_steps(c: &crate::CacheReport, timesteps: &[f32]) -> String {
         "step", "timestep", "blocks", what
     );
     for (i, &computed) in c.computed.iter().enumerate() {
+        // With PipeFusion's patches: which patches went through the blocks.
+        let blocks = match c.patches.get(i) {
+            Some(p) if p.iter().any(|&x| x) && !computed => format!(
+                "patches {}",
+                p.iter()
+                    .enumerate()
+                    .filter(|(_, &x)| x)
+                    .map(|(j, _)| j.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            _ if computed => "computed".to_string(),
+            _ => "skipped".to_string(),
+        };
         let _ = writeln!(
             out,
             "{:>5} {:>10} {:>9} {:>28}",
             i,
             timesteps.get(i).map_or("-".to_string(), |t| format!("{t}")),
-            if computed { "computed" } else { "skipped" },
+            blocks,
             c.indicator
                 .get(i)
                 .copied()

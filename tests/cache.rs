@@ -126,11 +126,12 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert!(max <= tol, "{what}: max abs diff {max}");
 }
 
-/// Every part is compiled with the pipeline's layout; outputs are gathered, so every rank
-/// decides on the same tensors: the same steps are skipped as with one rank, the first
-/// step's output (same inputs) agrees within 1e-5, and the final latents drift from the
-/// 1-rank run no more than an uncached run of the same layout does (ring attention's
-/// online softmax rounds differently; over a whole generation that alone reaches ~1e-4).
+/// Every part is compiled with the pipeline's layout (sequence-parallel and CFG-parallel);
+/// outputs are gathered, so every rank decides on the same tensors: the same steps are
+/// skipped as with one rank, the first step's output equals the whole parallel forward's
+/// within 1e-5, and the final latents stay within rounding of the 1-rank cached run (ring
+/// attention's online softmax and the CFG halves' GEMMs round differently; over a whole
+/// generation that alone reaches ~1e-4).
 #[test]
 fn parallel_ranks_take_the_same_decisions() {
     let req = request(1, 3, 16);
@@ -165,6 +166,23 @@ fn parallel_ranks_take_the_same_decisions() {
                 ulysses: 1,
             },
         ),
+        // The parts cut out of the model find the CFG batch on their carried streams.
+        (
+            "cfg 2",
+            Mesh {
+                cfg: 2,
+                ring: 1,
+                ulysses: 1,
+            },
+        ),
+        (
+            "cfg 2 x ulysses 2",
+            Mesh {
+                cfg: 2,
+                ring: 1,
+                ulysses: 2,
+            },
+        ),
     ];
     let uncached_serial = builtin().generate(&req).expect("1 rank");
     for policy in [
@@ -188,16 +206,31 @@ fn parallel_ranks_take_the_same_decisions() {
             let (out, first) = first_sample(&mut pipe, &creq);
             let report = pipe.cache_report().expect("report");
             assert_eq!(report.computed, serial_report.computed, "{policy} {name}");
-            assert_close(&first.data, &serial_first.data, 1e-5, name);
-            let uncached = builtin()
-                .with_parallel(parallel)
-                .generate(&req)
-                .expect("uncached parallel");
+            let (uncached, uncached_first) =
+                first_sample(&mut builtin().with_parallel(parallel), &req);
+            // The cached parts compute what the whole parallel forward does.
+            assert_close(&first.data, &uncached_first.data, 1e-5, name);
+            eprintln!(
+                "{name}: first-step sample vs 1 rank: cached {:e}, whole forward {:e}",
+                max_diff(&first.data, &serial_first.data),
+                max_diff(&uncached_first.data, &serial_first.data)
+            );
             let drift = max_diff(&uncached.latents.data, &uncached_serial.latents.data);
+            eprintln!(
+                "{policy} {name}: final latents vs 1 rank: cached {:e}, uncached {drift:e}",
+                max_diff(&out.latents.data, &serial.latents.data)
+            );
+            // Rounding only: batch halves and split rows change GEMM blocking, and a cache
+            // reusing a residual carries its step's rounding on.
+            let scale = serial
+                .latents
+                .data
+                .iter()
+                .fold(0.0f32, |a, x| a.max(x.abs()));
             assert_close(
                 &out.latents.data,
                 &serial.latents.data,
-                1e-5 + 2.0 * drift,
+                1e-4 * scale + 2.0 * drift,
                 name,
             );
         }
@@ -209,24 +242,6 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max)
-}
-
-/// Under CFG parallelism the stack parts cannot be compiled yet: a clear error.
-#[test]
-fn cfg_parallel_caching_is_a_clear_error() {
-    let mut pipe = builtin().with_parallel(Parallel {
-        mesh: Mesh {
-            cfg: 2,
-            ring: 1,
-            ulysses: 1,
-        },
-        ..Default::default()
-    });
-    let e = pipe
-        .generate(&request(0, 0, 3).with_cache(CachePolicy::FirstBlock { threshold: 0.1 }))
-        .expect_err("cfg parallel")
-        .to_string();
-    assert!(e.contains("CFG parallelism is not supported"), "{e}");
 }
 
 /// Displaced attention keeps per-program K/V across steps, which skipped steps would leave

@@ -217,3 +217,181 @@ fn even(t: &HostTensor) -> HostTensor {
         .collect();
     HostTensor::new(vec![b, keep, w], data)
 }
+
+fn mesh(cfg: usize, ring: usize, ulysses: usize) -> Parallel {
+    Parallel {
+        mesh: Mesh { cfg, ring, ulysses },
+        ..Default::default()
+    }
+}
+
+/// PipeFusion with a layout inside each stage (`cfg x ring x ulysses` ranks per stage).
+fn hybrid(
+    req: &GenerateRequest,
+    pf: Option<PipeFusion>,
+    inside: Parallel,
+) -> (Generation, PipeFusionReport) {
+    let mut pipe = Pipeline::builtin()
+        .unwrap()
+        .with_parallel(inside)
+        .with_pipefusion(pf);
+    let g = pipe.generate(req).unwrap();
+    (g, pipe.pipefusion_report().cloned().unwrap())
+}
+
+const INSIDE: [(&str, usize, usize, usize); 5] = [
+    ("ulysses 2", 1, 1, 2),
+    ("ring 2", 1, 2, 1),
+    ("cfg 2", 2, 1, 1),
+    ("cfg 2 x ulysses 2", 2, 1, 2),
+    ("ring 2 x ulysses 2", 1, 2, 2),
+];
+
+#[test]
+fn hybrids_with_all_warmup_steps_equal_the_serial_run() {
+    let req = request(5).with_steps(3);
+    let reference = serial(&req);
+    for (name, c, r, u) in INSIDE {
+        let (g, rep) = hybrid(&req, layout(2, 2, 3), mesh(c, r, u));
+        assert_eq!(rep.comm.len(), 2 * c * r * u, "{name}");
+        let d = max_abs(&reference.latents.data, &g.latents.data);
+        eprintln!("PipeFusion 2 x {name}, all warmup: {d:e} from serial");
+        assert!(d <= 1e-5, "PipeFusion 2 x {name}: {d}");
+    }
+}
+
+/// Inside a stage the patch is computed exactly (Ulysses' all-to-all, the ring's gather of
+/// the patch's K/V, the CFG halves), so a hybrid has the staleness of plain PipeFusion with
+/// the same stages and patches: the same result, up to float rounding.
+#[test]
+fn hybrids_are_plain_pipefusion_computed_on_more_ranks() {
+    let req = request(20).with_steps(6);
+    let (plain, _) = pipefusion(&req, layout(2, 2, 1));
+    let reference = serial(&req);
+    let stale = distance(&reference.image.data, &plain.image.data);
+    assert!(
+        stale.max_rel_err > 1e-4,
+        "plain PipeFusion is not stale here"
+    );
+    for (name, c, r, u) in INSIDE {
+        let (g, _) = hybrid(&req, layout(2, 2, 1), mesh(c, r, u));
+        let d = max_abs(&plain.latents.data, &g.latents.data);
+        eprintln!(
+            "PipeFusion 2 x {name}: {d:e} from PipeFusion 2 (which is {:e} from serial)",
+            max_abs(&plain.latents.data, &reference.latents.data)
+        );
+        assert!(d <= 1e-5, "PipeFusion 2 x {name} vs PipeFusion 2: {d}");
+    }
+}
+
+#[test]
+fn hybrid_traffic_matches_the_analytic_volume() {
+    let steps = 4;
+    let req = request(1).with_steps(steps);
+    for (name, c, r, u) in INSIDE {
+        let (_, rep) = hybrid(&req, layout(2, 2, 1), mesh(c, r, u));
+        let ranks = 2 * c * r * u;
+        assert_eq!(rep.analytic_total_bytes.len(), ranks);
+        eprintln!(
+            "PipeFusion 2 x {name}: bytes per rank {:?}",
+            rep.comm.iter().map(|c| c.total_bytes()).collect::<Vec<_>>()
+        );
+        for (rank, st) in rep.comm.iter().enumerate() {
+            assert_eq!(
+                st.total_bytes(),
+                rep.analytic_total_bytes[rank],
+                "{name}: rank {rank}"
+            );
+        }
+        // Every rank of a stage holds the stage's weights and the K/V of the whole image
+        // (its share of the heads with Ulysses).
+        let kv0 = rep.kv_bytes[0];
+        assert!(rep.kv_bytes.iter().all(|&b| b > 0), "{name}");
+        if u > 1 {
+            let (_, plain) = pipefusion(&req, layout(2, 2, 1));
+            assert_eq!(kv0 * u as u64, plain.kv_bytes[0] / c as u64, "{name}");
+        }
+    }
+}
+
+fn cached(
+    req: &GenerateRequest,
+    pf: Option<PipeFusion>,
+    inside: Parallel,
+    policy: ditto::CachePolicy,
+) -> (Generation, ditto::CacheReport) {
+    let mut pipe = Pipeline::builtin()
+        .unwrap()
+        .with_parallel(inside)
+        .with_pipefusion(pf);
+    let g = pipe.generate(&req.clone().with_cache(policy)).unwrap();
+    (g, pipe.cache_report().cloned().unwrap())
+}
+
+const POLICIES: [ditto::CachePolicy; 2] = [
+    ditto::CachePolicy::TeaCache { threshold: 0.02 },
+    ditto::CachePolicy::FirstBlock { threshold: 0.1 },
+];
+
+#[test]
+fn caching_with_threshold_zero_changes_nothing() {
+    let req = request(2).with_steps(5);
+    let (plain, _) = pipefusion(&req, layout(2, 2, 1));
+    for policy in [
+        ditto::CachePolicy::TeaCache { threshold: 0.0 },
+        ditto::CachePolicy::FirstBlock { threshold: 0.0 },
+    ] {
+        let (g, rep) = cached(&req, layout(2, 2, 1), Parallel::default(), policy.clone());
+        assert_eq!(rep.patches, vec![vec![true; 2]; 5], "{policy}");
+        assert_eq!(g.latents, plain.latents, "{policy}");
+    }
+}
+
+/// Warmup steps decide for the whole image as the serial run does: with every step a warmup
+/// step, PipeFusion (on its own and with a layout inside the stages) skips the same steps as
+/// the serial cached run and gives its result.
+#[test]
+fn caching_with_all_warmup_steps_is_the_serial_cached_run() {
+    let steps = 12;
+    let req = request(3).with_steps(steps);
+    for policy in POLICIES {
+        let mut one = Pipeline::builtin().unwrap();
+        let reference = one
+            .generate(&req.clone().with_cache(policy.clone()))
+            .unwrap();
+        let want = one.cache_report().unwrap().computed.clone();
+        assert!(
+            want.contains(&false),
+            "{policy}: the serial run skips nothing"
+        );
+        for (name, c, r, u) in [("plain", 1, 1, 1), ("cfg 2 x ulysses 2", 2, 1, 2)] {
+            let (g, rep) = cached(&req, layout(2, 2, steps), mesh(c, r, u), policy.clone());
+            assert_eq!(rep.computed, want, "{policy} {name}");
+            let d = max_abs(&reference.latents.data, &g.latents.data);
+            assert!(d <= 1e-5, "{policy} {name}: {d}");
+        }
+    }
+}
+
+/// After warmup every patch decides on its own rows (the decision rules per patch are unit
+/// tests of `patch_cache`); the image stays close to the uncached serial run.
+#[test]
+fn cached_patches_skip_steps_and_stay_close() {
+    let req = request(4);
+    let reference = serial(&req);
+    let (plain, _) = pipefusion(&req, layout(2, 2, 1));
+    let plain_db = distance(&reference.image.data, &plain.image.data).psnr_db;
+    for policy in POLICIES {
+        let (g, rep) = cached(&req, layout(2, 2, 1), Parallel::default(), policy.clone());
+        let (done, all) = rep.computed_patches();
+        assert_eq!(all, 2 * 20);
+        assert!(done < all, "{policy}: nothing skipped");
+        assert!(rep.patches.iter().all(|p| p.len() == 2));
+        // Both patches are computed in the first step (the warmup step), TeaCache also in
+        // the last.
+        assert_eq!(rep.patches[0], vec![true, true]);
+        let db = distance(&reference.image.data, &g.image.data).psnr_db;
+        eprintln!("{policy}: {done} of {all} patch steps computed, {db:.2} dB vs serial (PipeFusion alone {plain_db:.2} dB)");
+        assert!(db >= 20.0, "{policy}: {db:.2} dB");
+    }
+}

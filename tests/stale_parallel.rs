@@ -38,6 +38,12 @@ fn stale(sp: usize, cfg: bool, pcpp: Option<f32>, warmup_steps: usize) -> Parall
     }
 }
 
+/// The same with each patch split over `u` Ulysses ranks (exact inside a patch).
+fn with_ulysses(mut p: Parallel, u: usize) -> Parallel {
+    p.mesh.ulysses = u;
+    p
+}
+
 /// Classes 0..4 with `seeds` seeds each (DDIM 20 steps, guidance 3: the built-in defaults).
 fn request(seeds: &[u64]) -> GenerateRequest {
     let labels: Vec<usize> = (0..4).flat_map(|c| seeds.iter().map(move |_| c)).collect();
@@ -70,6 +76,14 @@ fn all_warmup_steps_equal_the_serial_generation() {
         ("distrifusion 4", stale(4, false, None, 6)),
         ("pcpp 4", stale(4, false, Some(0.3), 6)),
         ("distrifusion 2 x cfg", stale(2, true, None, 6)),
+        (
+            "distrifusion 2 x ulysses 2",
+            with_ulysses(stale(2, false, None, 6), 2),
+        ),
+        (
+            "distrifusion 2 x ulysses 2 x cfg",
+            with_ulysses(stale(2, true, None, 6), 2),
+        ),
     ] {
         let g = generate(&req, p);
         let d = max_abs(&serial.latents.data, &g.latents.data);
@@ -283,10 +297,11 @@ fn one_part_and_m_part_programs_share_a_state() {
     let compile = |sp: usize| {
         let opts = CompileOptions {
             parallel: Parallel {
+                // Virtual patches are ring members.
                 mesh: Mesh {
                     cfg: 1,
-                    ring: 1,
-                    ulysses: sp,
+                    ring: sp,
+                    ulysses: 1,
                 },
                 choice: MethodChoice::Stale,
                 ..Parallel::default()
@@ -360,7 +375,7 @@ fn one_part_and_m_part_programs_share_a_state() {
     state.mode = StaleMode::Stale;
     let mut last = Vec::new();
     for i in 0..4 {
-        state.virtual_rank = Some(i);
+        state.patch = Some(i);
         last = patches.run_with_state(&rm, &mut state).unwrap();
     }
     let d = max_abs(&sample(&many, &last), &serial.data);
@@ -507,4 +522,46 @@ fn cli_distrifusion_threads_and_processes_agree() {
         assert!(err.contains(want), "{flags:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// Ulysses inside each patch is exact: DistriFusion x Ulysses has DistriFusion's staleness
+/// (the same result up to rounding) on more ranks, with the traffic `--report` predicts.
+#[test]
+fn ulysses_inside_distrifusion_patches_is_exact() {
+    let req = request(&[1]).with_steps(5);
+    let serial = generate(&req, Parallel::default());
+    for cfg in [false, true] {
+        let plain = generate(&req, stale(2, cfg, None, 1));
+        assert!(max_abs(&plain.latents.data, &serial.latents.data) > 1e-3);
+        let g = generate(&req, with_ulysses(stale(2, cfg, None, 1), 2));
+        let d = max_abs(&plain.latents.data, &g.latents.data);
+        eprintln!("distrifusion 2 x ulysses 2 (cfg {cfg}) vs distrifusion 2: {d:.2e}");
+        assert!(d <= 1e-5, "cfg {cfg}: {d}");
+    }
+    let pipe = Pipeline::builtin().unwrap();
+    let model = pipe.transformer_model();
+    let shapes = model.family().default_shapes();
+    let inputs = random_inputs(model, &shapes);
+    let opts = CompileOptions {
+        parallel: with_ulysses(stale(2, false, None, 1), 2),
+        ..Default::default()
+    };
+    let mut ranks = model.ranks(&shapes, &opts, RankOptions::default()).unwrap();
+    let (gather, a2a, p2p) = ditto::report::analytic_bytes(ranks.program());
+    assert!(a2a > 0.0 && gather > 0.0 && p2p == 0.0);
+    for run in ["warmup", "stale"] {
+        let stats = ranks.run(&inputs).unwrap().1;
+        for (rank, st) in stats.per_rank.iter().enumerate() {
+            assert_eq!(st.all_to_all().bytes as f64, a2a, "{run} rank {rank}");
+            assert_eq!(st.all_gather().bytes as f64, gather, "{run} rank {rank}");
+        }
+    }
+    // Every rank keeps the whole image's K/V of its half of the heads.
+    let full = 2
+        * model.graph(&shapes, false).unwrap().num_blocks()
+        * shapes.batch
+        * model.family().summary(&shapes).image_tokens
+        * model.family().summary(&shapes).hidden
+        * 4;
+    assert!(ranks.kv_bytes().iter().all(|&b| b * 2 == full));
 }

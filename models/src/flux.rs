@@ -377,21 +377,23 @@ impl FluxConfig {
             }
         }
 
-        // diffusers concatenates and splits again inside every single block; carrying the
-        // joint stream across them is the same arithmetic.
-        let mut joint = g.concat(1, &[c, x])?;
+        // diffusers concatenates and splits again around every single block, and so do we:
+        // the boundaries between single blocks carry the text and the image streams apart,
+        // like the double blocks', so that a pipeline stage cut there splits each stream
+        // into patches on its own (a patch is the same tokens on both sides of any cut).
+        // canonicalize joins the adjacent slices back (`concat-of-slices`).
         for i in 0..self.num_single_layers {
             let prefix = format!("single_transformer_blocks.{i}");
-            joint = single_block(&mut g, joint, temb, &prefix, dims, rope, t)?;
-            g.mark_boundary(&[joint]);
+            let joint = g.concat(1, &[c, x])?;
+            let out = single_block(&mut g, joint, temb, &prefix, dims, rope, t)?;
+            c = g.slice(out, 1, 0, t)?;
+            x = g.slice(out, 1, t, t + s)?;
+            g.mark_boundary(&[c, x]);
             if opts.block_outputs {
-                let c = g.slice(joint, 1, 0, t)?;
-                let x = g.slice(joint, 1, t, t + s)?;
                 g.output(&format!("block.{prefix}.out0"), c);
                 g.output(&format!("block.{prefix}.out1"), x);
             }
         }
-        let x = g.slice(joint, 1, t, t + s)?;
 
         let x = layers::ada_layer_norm_continuous(&mut g, x, temb, "norm_out", d, d, EPS)?;
         let p = self.patch_size;

@@ -207,17 +207,21 @@ impl ShardSequence {
         // Seeds.
         let mut notes = Vec::new();
         if m.cfg == 2 {
-            let batch = g
-                .nodes()
-                .iter()
-                .enumerate()
-                .find_map(|(i, n)| match n {
-                    Op::Input(ch) if g.node(ch[0]).name() == "hidden_states" => {
+            // The batch is that of the model's latents, or, in a part cut out of the model
+            // (a pipeline stage, a cached block stack), of the streams it carries in.
+            let input_batch = |want: &dyn Fn(&str) -> bool| {
+                g.nodes().iter().enumerate().find_map(|(i, n)| match n {
+                    Op::Input(ch) if want(&g.node(ch[0]).name()) => {
                         g.shape(Id::from(i)).first().copied()
                     }
                     _ => None,
                 })
-                .ok_or_else(|| fail("CFG parallel needs a `hidden_states` input".into()))?;
+            };
+            let batch = input_batch(&|n| n == "hidden_states")
+                .or_else(|| input_batch(&|n| n.starts_with("carry.")))
+                .ok_or_else(|| {
+                    fail("CFG parallel needs a `hidden_states` (or carried `carry.*`) input".into())
+                })?;
             if batch % 2 != 0 {
                 return Err(fail(format!(
                     "CFG parallel splits the [negative, positive] batch in two, but the batch is {batch}"
@@ -297,8 +301,10 @@ impl ShardSequence {
         ));
 
         // Extraction. A forced layout is what the user chose: extraction then only avoids
-        // redundant compute (communication costs nothing), so every op that can run on the
-        // local rows does; the link model prices the chosen plan in the notes.
+        // redundant compute (communication costs next to nothing: a link of 1e21 B/s, so it
+        // only breaks ties between forms of equal compute, towards fewer bytes, e.g. a CFG
+        // gather of local rows rather than of the whole sequence), so every op that can run
+        // on the local rows does; the link model prices the chosen plan in the notes.
         let model = CostModel {
             device: self.device,
             link: self.link,
@@ -308,9 +314,9 @@ impl ShardSequence {
             MethodChoice::Auto => model,
             MethodChoice::Forced | MethodChoice::Stale => CostModel {
                 link: Link {
-                    name: "free",
+                    name: "tie-break",
                     latency_s: 0.0,
-                    bytes_per_s: f64::INFINITY,
+                    bytes_per_s: 1e21,
                 },
                 ..model
             },
@@ -329,6 +335,12 @@ impl ShardSequence {
             // program's structure (gathers in the same places).
             if stale && !matches!(node, Op::AllGather(_)) && rules::has_sp_gather(&eg, class, None)
             {
+                return cost + 1e-12;
+            }
+            // Gather over the CFG pair before the Sp ranks, not after: the two orders move
+            // the same bytes, but with PipeFusion's virtual patches the Sp gather assembles
+            // the whole image, so a CFG gather after it would move the whole image per patch.
+            if stale && rules::cfg_gather_of_sp_gathered(&eg, node) {
                 return cost + 1e-12;
             }
             cost

@@ -315,6 +315,50 @@ output y = %2
 }
 
 #[test]
+fn adjacent_slices_concatenated_back_are_the_operand() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[2, 8, 3]).unwrap();
+    let a = g.slice(x, 1, 0, 3).unwrap();
+    let b = g.slice(x, 1, 3, 8).unwrap();
+    let joined = g.concat(1, &[a, b]).unwrap();
+    // A gap, the wrong order or another axis stay.
+    let c = g.slice(x, 1, 4, 8).unwrap();
+    let gap = g.concat(1, &[a, c]).unwrap();
+    let swapped = g.concat(1, &[b, a]).unwrap();
+    let y = g.add_(joined, joined).unwrap();
+    g.output("y", y);
+    g.output("gap", gap);
+    g.output("swapped", swapped);
+    check_pass(
+        &canon(),
+        &g,
+        "input x: f32[2, 8, 3]
+%0 = slice in:x 1 0 3  # f32[2, 3, 3]
+%1 = slice in:x 1 3 8  # f32[2, 5, 3]
+%2 = concat 1 %0 %1  # f32[2, 8, 3]
+%3 = slice in:x 1 4 8  # f32[2, 4, 3]
+%4 = concat 1 %0 %3  # f32[2, 7, 3]
+%5 = concat 1 %1 %0  # f32[2, 8, 3]
+%6 = add %2 %2  # f32[2, 8, 3]
+output y = %6
+output gap = %4
+output swapped = %5
+",
+        "input x: f32[2, 8, 3]
+%0 = slice in:x 1 0 3  # f32[2, 3, 3]
+%1 = slice in:x 1 3 8  # f32[2, 5, 3]
+%2 = slice in:x 1 4 8  # f32[2, 4, 3]
+%3 = concat 1 %0 %2  # f32[2, 7, 3]
+%4 = concat 1 %1 %0  # f32[2, 8, 3]
+%5 = add in:x in:x  # f32[2, 8, 3]
+output y = %5
+output gap = %3
+output swapped = %4
+",
+    );
+}
+
+#[test]
 fn nothing_to_do_leaves_the_text_unchanged() {
     let mut g = Graph::new();
     let x = g.input("x", DType::F32, &[2, 4, 8]).unwrap();

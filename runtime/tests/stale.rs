@@ -17,6 +17,7 @@ use ditto_codegen::{
 use ditto_runtime::comm::{run_ranks, CommStats, Communicator};
 use ditto_runtime::cpu::executor::CpuExecutor;
 use ditto_runtime::parallel::stale::{edge_rows, StaleMode, StaleState};
+use ditto_runtime::parallel::Placement;
 use ditto_runtime::RuntimeError;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -439,22 +440,51 @@ fn all_rows(c: &Case) -> Vec<usize> {
 // ---------------------------------------------------------------------------------------
 // Tests
 
+/// Per-rank traffic of one exact run of `program(c)`: per displaced attention, Ulysses'
+/// two all-to-alls (q/k/v out, the output back) and the ring's all-gathers of K and V (of
+/// this rank's heads of its Ulysses group's rows); then the output's gathers.
+fn exact_traffic(c: &Case) -> (u64, u64, u64, u64) {
+    let m = c.mesh;
+    let (r, u, sp) = (m.ring, m.ulysses, m.sp());
+    let bl = c.batch / m.cfg;
+    let sl: usize = c.segs().iter().map(|s| s.local).sum();
+    let sw = c.heads.div_ceil(u) * c.head_dim;
+    let layers = c.layers as u64;
+    let mut gather = layers * 2 * CommStats::all_gather_bytes(bl * u * sl * sw, r)
+        + CommStats::all_gather_bytes(bl * sl * c.width(), sp);
+    let mut gather_calls = layers * if r > 1 { 2 } else { 0 } + u64::from(sp > 1);
+    if m.cfg > 1 {
+        gather += CommStats::all_gather_bytes(bl * c.rows() * c.width(), 2);
+        gather_calls += 1;
+    }
+    let a2a = if u > 1 {
+        layers
+            * (CommStats::all_to_all_bytes(u * 3 * bl * sl * sw, u)
+                + CommStats::all_to_all_bytes(u * bl * sl * sw, u))
+    } else {
+        0
+    };
+    let a2a_calls = if u > 1 { 2 * layers } else { 0 };
+    (gather, gather_calls, a2a, a2a_calls)
+}
+
 #[test]
 fn exact_mode_matches_serial_attention() {
-    let mesh = |cfg, sp| Mesh {
-        cfg,
-        ring: 1,
-        ulysses: sp,
-    };
+    let mesh = |cfg, ring, ulysses| Mesh { cfg, ring, ulysses };
     for c in [
-        Case::new(mesh(1, 2), &[16]),
-        Case::new(mesh(1, 4), &[16]),
+        Case::new(mesh(1, 2, 1), &[16]),
+        Case::new(mesh(1, 4, 1), &[16]),
         // Padded: 14 rows on 4 members, and image + text segments.
-        Case::new(mesh(1, 4), &[14]),
-        Case::new(mesh(1, 4), &[12, 5]),
+        Case::new(mesh(1, 4, 1), &[14]),
+        Case::new(mesh(1, 4, 1), &[12, 5]),
         // CFG pair x 2 Sp members: each CFG group has its own stores.
-        Case::new(mesh(2, 2), &[10, 3]),
-        Case::new(mesh(1, 1), &[9]),
+        Case::new(mesh(2, 2, 1), &[10, 3]),
+        Case::new(mesh(1, 1, 1), &[9]),
+        // Ulysses inside: stores of this rank's heads (2 heads on 4: padded heads).
+        Case::new(mesh(1, 1, 2), &[16]),
+        Case::new(mesh(1, 1, 4), &[14]),
+        Case::new(mesh(1, 2, 2), &[12, 5]),
+        Case::new(mesh(2, 2, 2), &[16]),
     ] {
         let x = inputs(&c, 7);
         let runs = run_steps(&c, None, &[(StaleMode::Exact, x.clone())]);
@@ -467,21 +497,18 @@ fn exact_mode_matches_serial_attention() {
             "exact",
         );
         eprintln!("{:?} {:?}: {e:.2e}", c.mesh, c.seq);
-        // Warmup traffic: per attention two all-gathers (K, V) of the local rows, plus
-        // the output's gathers.
+        let (gather, gather_calls, a2a, a2a_calls) = exact_traffic(&c);
         for (rank, o) in runs[0].iter().enumerate() {
-            let sp = c.mesh.sp();
-            let local =
-                c.batch / c.mesh.cfg * c.segs().iter().map(|s| s.local).sum::<usize>() * c.width();
-            let mut bytes = 3 * CommStats::all_gather_bytes(local, sp);
-            let mut calls = if sp > 1 { 3 } else { 1 };
-            if c.mesh.cfg > 1 {
-                bytes += CommStats::all_gather_bytes(c.batch / 2 * c.rows() * c.width(), 2);
-                calls += 1;
-            }
-            assert_eq!(o.comm.all_gather().bytes, bytes, "rank {rank}");
+            assert_eq!(
+                o.comm.all_gather().bytes,
+                gather,
+                "{:?} rank {rank}",
+                c.mesh
+            );
+            assert_eq!(o.comm.all_to_all().bytes, a2a, "{:?} rank {rank}", c.mesh);
             if c.mesh.world_size() > 1 {
-                assert_eq!(o.comm.all_gather().calls, calls, "rank {rank}");
+                assert_eq!(o.comm.all_gather().calls, gather_calls, "rank {rank}");
+                assert_eq!(o.comm.all_to_all().calls, a2a_calls, "rank {rank}");
             }
         }
     }
@@ -545,6 +572,172 @@ fn stale_mode_attends_to_the_previous_steps_keys_and_exchanges_them() {
             assert_eq!(warm.all_gather().bytes, stale.all_gather().bytes);
             assert_eq!(warm.all_gather().calls, 2 * layers as u64 + 1);
             assert_eq!(stale.send_recv().bytes, 0);
+        }
+    }
+}
+
+#[test]
+fn stale_mode_with_ulysses_inside_keeps_each_ring_members_rows_fresh() {
+    // Ring 2 x Ulysses 2 (and a CFG pair): staleness is per ring member; the Ulysses
+    // members of one ring member see each other's fresh K/V (their all-to-all is exact).
+    for (cfg, seq, layers) in [(1, vec![16], 1), (2, vec![12, 5], 2)] {
+        let mut c = Case::new(
+            Mesh {
+                cfg,
+                ring: 2,
+                ulysses: 2,
+            },
+            &seq,
+        );
+        c.layers = layers;
+        let (a, b) = (inputs(&c, 3), inputs(&c, 4));
+        let runs = run_steps(
+            &c,
+            None,
+            &[
+                (StaleMode::Exact, a.clone()),
+                (StaleMode::Stale, b.clone()),
+                (StaleMode::Stale, b.clone()),
+            ],
+        );
+        let u = c.mesh.ulysses;
+        if layers == 1 {
+            check_ranks(
+                &c,
+                &runs[1],
+                &b[0],
+                &|_| all_rows(&c),
+                &|m, r| {
+                    let x = if owner(&c, r) / u == m / u { &b } else { &a };
+                    (x[1].clone(), x[2].clone())
+                },
+                "stale step",
+            );
+            check_ranks(
+                &c,
+                &runs[2],
+                &b[0],
+                &|_| all_rows(&c),
+                &|_, _| (b[1].clone(), b[2].clone()),
+                "after the exchange",
+            );
+        }
+        // A stale step: the all-to-alls of an exact one, but ONE all-gather over the ring
+        // of every layer's K and V (this rank's heads of its Ulysses group's rows).
+        let (warm_gather, _, a2a, _) = exact_traffic(&c);
+        let bl = c.batch / cfg;
+        let sl: usize = c.segs().iter().map(|s| s.local).sum();
+        let sw = c.heads.div_ceil(u) * c.head_dim;
+        for (rank, (w, st)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            assert_eq!(w.comm.all_gather().bytes, warm_gather);
+            assert_eq!(st.comm.all_to_all().bytes, a2a, "rank {rank}");
+            let kv = CommStats::all_gather_bytes(2 * layers * u * bl * sl * sw, c.mesh.ring);
+            assert_eq!(st.comm.all_gather().bytes, warm_gather, "rank {rank}");
+            let outputs = warm_gather
+                - layers as u64 * 2 * CommStats::all_gather_bytes(bl * u * sl * sw, c.mesh.ring);
+            assert_eq!(st.comm.all_gather().bytes, kv + outputs, "rank {rank}");
+            assert_eq!(
+                st.comm.all_gather().calls,
+                1 + 1 + u64::from(cfg > 1),
+                "rank {rank}"
+            );
+        }
+    }
+}
+
+/// PipeFusion's hybrid: a stage of `C x R x U` ranks plays an M-patch program patch by
+/// patch; the 1-patch program of the same layout fills the stores first (warmup).
+#[test]
+fn placed_patches_on_a_group_of_ranks_attend_to_fresh_and_stale_patches() {
+    let m = 2;
+    for (cfg, ring, ulysses, seq) in [
+        (1, 2, 1, vec![16]),
+        (1, 1, 2, vec![16]),
+        (2, 1, 2, vec![16, 8]),
+        (1, 2, 2, vec![16]),
+    ] {
+        let one = Case::new(Mesh { cfg, ring, ulysses }, &seq);
+        let mut many = one.clone();
+        many.mesh.ring = m * ring;
+        let group = one.mesh.world_size();
+        let (a, b) = (inputs(&one, 11), inputs(&one, 12));
+        let (warm_p, patch_p) = (program(&one), program(&many));
+        let results = Mutex::new(Vec::new());
+        run_ranks(group, TIMEOUT, |mut comm| {
+            let g = comm.rank();
+            // The group's ranks sit at communicator ranks 0..group here.
+            let ranks: Vec<usize> = (0..group).collect();
+            let mut warm = CpuExecutor::placed(
+                warm_p.clone(),
+                Arc::new(vec![]),
+                g,
+                Placement::on(ranks.clone()),
+            )?;
+            let placement = Placement { patches: m, ranks };
+            let mut patch = CpuExecutor::placed(patch_p.clone(), Arc::new(vec![]), g, placement)?;
+            let mut state = StaleState::default();
+            let ra: Vec<&[f32]> = a.iter().map(|v| v.as_slice()).collect();
+            let rb: Vec<&[f32]> = b.iter().map(|v| v.as_slice()).collect();
+            warm.run_placed(&ra, &mut state, Some(&mut comm))?;
+            let mut outs = Vec::new();
+            for i in 0..m {
+                state.patch = Some(i);
+                outs.push(patch.run_placed(&rb, &mut state, Some(&mut comm))?);
+            }
+            results.lock().unwrap().push((g, outs));
+            Ok::<_, RuntimeError>(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let placement = Placement {
+            patches: m,
+            ranks: (0..group).collect(),
+        };
+        let mesh = many.mesh;
+        let (bl, w) = (one.batch / cfg, one.width());
+        let sl: usize = many.segs().iter().map(|s| s.local).sum();
+        let per_patch = mesh.sp() / m;
+        for (g, outs) in results.into_inner().unwrap() {
+            for (i, out) in outs.iter().enumerate() {
+                let r = placement.program_rank(&mesh, g, i);
+                let (ci, si) = (mesh.index(r, MeshAxis::Cfg), mesh.index(r, MeshAxis::Sp));
+                let rows = member_rows(&many, si);
+                let qrows: Vec<usize> = rows.iter().map(|x| x.0).collect();
+                for bb in 0..bl {
+                    let bg = ci * bl + bb;
+                    // Patches up to this one are fresh (B), the later ones still A.
+                    let kv = |row_: usize| {
+                        if owner(&many, row_) / per_patch <= i {
+                            &b
+                        } else {
+                            &a
+                        }
+                    };
+                    let want = reference_rows(
+                        &one,
+                        &b[0],
+                        bg,
+                        &qrows,
+                        &all_rows(&one),
+                        &|x| row(&one, &kv(x)[1], bg, x),
+                        &|x| row(&one, &kv(x)[2], bg, x),
+                    );
+                    let got: Vec<f32> = rows
+                        .iter()
+                        .flat_map(|&(_, l)| out[0][(bb * sl + l) * w..][..w].to_vec())
+                        .collect();
+                    let e = max_err(&got, &want);
+                    assert!(
+                        e <= TOL,
+                        "{:?}: rank {g} patch {i} batch {bg}: rel err {e:e}",
+                        one.mesh
+                    );
+                }
+                // After the last patch, the gathered output is whole (every patch fresh in
+                // its own attention).
+                if i + 1 == m {
+                    assert_eq!(out[1].len(), one.numel());
+                }
+            }
         }
     }
 }
@@ -640,8 +833,8 @@ fn virtual_ranks_share_the_stores_of_a_one_part_program() {
     let mut many = one.clone();
     many.mesh = Mesh {
         cfg: 1,
-        ring: 1,
-        ulysses: m,
+        ring: m,
+        ulysses: 1,
     };
     let (a, b) = (inputs(&one, 5), inputs(&one, 6));
     let mut warm = CpuExecutor::new(program(&one), Arc::new(vec![])).unwrap();
@@ -670,7 +863,7 @@ fn virtual_ranks_share_the_stores_of_a_one_part_program() {
     state.mode = StaleMode::Stale;
     let mut last = Vec::new();
     for i in 0..m {
-        state.virtual_rank = Some(i);
+        state.patch = Some(i);
         last = patch.run_with_state(&ra, &mut state).unwrap();
     }
     let e = max_err(&last[1], &serial(&one, &a));
@@ -680,7 +873,7 @@ fn virtual_ranks_share_the_stores_of_a_one_part_program() {
     // Patch step with B: patch i sees fresh K/V of patches <= i and A of the others.
     let rb: Vec<&[f32]> = b.iter().map(|v| v.as_slice()).collect();
     for i in 0..m {
-        state.virtual_rank = Some(i);
+        state.patch = Some(i);
         let out = patch.run_with_state(&rb, &mut state).unwrap();
         let got = &out[0];
         let rows = member_rows(&many, i);
@@ -709,7 +902,7 @@ fn virtual_ranks_share_the_stores_of_a_one_part_program() {
 
     // After a reset, a first patch without warmup attends to its own patch only.
     state.reset();
-    state.virtual_rank = Some(1);
+    state.patch = Some(1);
     let out = patch.run_with_state(&rb, &mut state).unwrap();
     let rows = member_rows(&many, 1);
     let qrows: Vec<usize> = rows.iter().map(|r| r.0).collect();
@@ -752,8 +945,8 @@ fn errors_are_clear() {
     let c = Case::new(
         Mesh {
             cfg: 1,
-            ring: 1,
-            ulysses: 2,
+            ring: 2,
+            ulysses: 1,
         },
         &[8],
     );
@@ -774,17 +967,17 @@ fn errors_are_clear() {
     assert!(err.contains("run_with_state"), "{err}");
     let mut st = StaleState::default();
     let err = v.run_with_state(&refs, &mut st).unwrap_err().to_string();
-    assert!(err.contains("virtual_rank"), "{err}");
-    st.virtual_rank = Some(2);
+    assert!(err.contains("StaleState::patch"), "{err}");
+    st.patch = Some(2);
     let err = v.run_with_state(&refs, &mut st).unwrap_err().to_string();
     assert!(err.contains("outside"), "{err}");
 
-    // Virtual ranks with a CFG split.
+    // Virtual ranks alone with a CFG split: that needs a group of ranks.
     let cfg = Case::new(
         Mesh {
             cfg: 2,
-            ring: 1,
-            ulysses: 2,
+            ring: 2,
+            ulysses: 1,
         },
         &[8],
     );
@@ -798,8 +991,8 @@ fn errors_are_clear() {
     let padded = Case::new(
         Mesh {
             cfg: 1,
-            ring: 1,
-            ulysses: 4,
+            ring: 4,
+            ulysses: 1,
         },
         &[10],
     );
@@ -811,7 +1004,7 @@ fn errors_are_clear() {
         .unwrap()
         .run_with_state(&r10, &mut st)
         .unwrap();
-    st.virtual_rank = Some(0);
+    st.patch = Some(0);
     let err = CpuExecutor::virtual_ranks(program(&padded), Arc::new(vec![]))
         .unwrap()
         .run_with_state(&r10, &mut st)

@@ -252,9 +252,41 @@ pub struct CacheReport {
     pub indicator: Vec<Option<f64>>,
     /// TeaCache: where the rescaling polynomial came from.
     pub rescale: Option<String>,
+    /// PipeFusion: per step, per patch, whether the patch went through the block stack
+    /// (patches decide apart); empty otherwise. `computed` is then true where every patch
+    /// was computed, and `indicator` the largest of the patches' numbers.
+    pub patches: Vec<Vec<bool>>,
 }
 
 impl CacheReport {
+    /// The report of a PipeFusion generation from its per-step, per-patch decisions.
+    pub fn from_patches(
+        policy: CachePolicy,
+        log: &[Vec<(bool, Option<f64>)>],
+        rescale: Option<String>,
+    ) -> CacheReport {
+        CacheReport {
+            policy,
+            computed: log.iter().map(|p| p.iter().all(|x| x.0)).collect(),
+            indicator: log
+                .iter()
+                .map(|p| p.iter().filter_map(|x| x.1).reduce(f64::max))
+                .collect(),
+            rescale,
+            patches: log
+                .iter()
+                .map(|p| p.iter().map(|x| x.0).collect())
+                .collect(),
+        }
+    }
+
+    /// Patches (of every step) that went through the block stack, and all of them.
+    pub fn computed_patches(&self) -> (usize, usize) {
+        let all = self.patches.iter().map(Vec::len).sum();
+        let done = self.patches.iter().flatten().filter(|&&c| c).count();
+        (done, all)
+    }
+
     pub fn computed_steps(&self) -> usize {
         self.computed.iter().filter(|&&c| c).count()
     }
@@ -280,6 +312,16 @@ impl StepOptions {
     pub(super) fn clear_compiled(&mut self) {
         self.compiled.clear();
     }
+
+    /// What a generation that ran outside the [`Stepper`] (PipeFusion) did.
+    pub(super) fn set_report(&mut self, report: CacheReport) {
+        self.last_report = Some(report);
+    }
+
+    /// The values asked for with [`Pipeline::with_taps`].
+    pub(super) fn taps(&self) -> &[String] {
+        &self.taps
+    }
 }
 
 const CACHED_PART_SETS: usize = 2;
@@ -294,10 +336,10 @@ enum PartsKey {
 /// Suffix of a block's tapped output stream: `<block prefix>.block_out` (one stream) or
 /// `.block_out<j>` (stream j of several, in the family's boundary order).
 const BLOCK_OUT: &str = "block_out";
-const MODULATED_INPUT: &str = "modulated_input";
+pub(super) const MODULATED_INPUT: &str = "modulated_input";
 /// Extra outputs of First-Block-Cache's first part: block 0's input streams (taps added for
 /// them; the head's own `carry.*` are boundary 0 already for TeaCache).
-const FIRST_IN: &str = "cache.first_in.";
+pub(super) const FIRST_IN: &str = "cache.first_in.";
 
 /// Block `i`'s name: the prefix of its `modulated_input` tap (every family taps one per
 /// block), or `block.<i>` when the model marked them differently.
@@ -529,6 +571,7 @@ impl<'a> Stepper<'a> {
             computed: Vec::with_capacity(num_steps),
             indicator: Vec::with_capacity(num_steps),
             rescale: None,
+            patches: Vec::new(),
         };
         let StepOptions {
             compiled,
@@ -565,15 +608,8 @@ impl<'a> Stepper<'a> {
                 false
             }
             None => {
-                let cfg_parallel = cx.parallel.mesh.cfg > 1 && !matches!(key, PartsKey::Tapped(_));
                 let parts = compile_parts(cx.model, shapes, &key, cx.parallel, cx.rank_options)
                     .map_err(|e| match e {
-                        // The sequence-sharding pass finds the CFG batch by the model's
-                        // `hidden_states` input, which the stack and tail parts (taking
-                        // `carry.*`) do not have.
-                        PartError::Model(e) if cfg_parallel => PipelineError::Request(format!(
-                            "step caching with CFG parallelism is not supported yet ({e}); use sequence parallelism (--ulysses-degree, --ring-degree) or no cache"
-                        )),
                         PartError::Model(e) => model_err(e),
                         PartError::Pipeline(e) => e,
                     })?;
@@ -743,7 +779,7 @@ impl<'a> Stepper<'a> {
     }
 }
 
-enum PartError {
+pub(super) enum PartError {
     Model(crate::Error),
     Pipeline(PipelineError),
 }
@@ -830,7 +866,7 @@ fn no_blocks(what: &str) -> PartError {
 }
 
 /// Block 0's `modulated_input` tap: TeaCache's indicator.
-fn first_modulated_tap(g: &Graph) -> Result<String, PartError> {
+pub(super) fn first_modulated_tap(g: &Graph) -> Result<String, PartError> {
     g.taps
         .iter()
         .map(|(n, _)| n)
@@ -843,7 +879,9 @@ fn first_modulated_tap(g: &Graph) -> Result<String, PartError> {
         })
 }
 
-fn first_modulated_input(head: &ditto_codegen::Program) -> Result<String, PipelineError> {
+pub(super) fn first_modulated_input(
+    head: &ditto_codegen::Program,
+) -> Result<String, PipelineError> {
     head.outputs
         .iter()
         .map(|(n, _)| n)
@@ -872,18 +910,18 @@ fn run_part(
 }
 
 /// The `carry.<j>` outputs of a part, in stream order.
-fn carried(out: &BTreeMap<String, HostTensor>) -> Vec<HostTensor> {
+pub(super) fn carried(out: &BTreeMap<String, HostTensor>) -> Vec<HostTensor> {
     prefixed(out, "carry.")
 }
 
 /// Outputs `<prefix>0`, `<prefix>1`, ... in order.
-fn prefixed(out: &BTreeMap<String, HostTensor>, prefix: &str) -> Vec<HostTensor> {
+pub(super) fn prefixed(out: &BTreeMap<String, HostTensor>, prefix: &str) -> Vec<HostTensor> {
     (0..)
         .map_while(|j| out.get(&format!("{prefix}{j}")).cloned())
         .collect()
 }
 
-fn as_carry(streams: Vec<HostTensor>) -> BTreeMap<String, HostTensor> {
+pub(super) fn as_carry(streams: Vec<HostTensor>) -> BTreeMap<String, HostTensor> {
     streams
         .into_iter()
         .enumerate()
@@ -896,7 +934,10 @@ fn as_carry(streams: Vec<HostTensor>) -> BTreeMap<String, HostTensor> {
 /// SD3, whose last block drops the text stream), else all of `from`'s streams joined along
 /// the token axis (Flux: the [text; image] joint stream of the single blocks continues the
 /// double blocks' text and image streams).
-fn continued(from: &[HostTensor], to: &[HostTensor]) -> Result<Vec<HostTensor>, PipelineError> {
+pub(super) fn continued(
+    from: &[HostTensor],
+    to: &[HostTensor],
+) -> Result<Vec<HostTensor>, PipelineError> {
     to.iter()
         .enumerate()
         .map(|(j, t)| {
@@ -940,7 +981,7 @@ fn concat_tokens(xs: &[HostTensor]) -> Option<HostTensor> {
     Some(HostTensor::new(vec![b, n, d], data))
 }
 
-fn sub_all(a: &[HostTensor], b: &[HostTensor]) -> Vec<HostTensor> {
+pub(super) fn sub_all(a: &[HostTensor], b: &[HostTensor]) -> Vec<HostTensor> {
     a.iter()
         .zip(b)
         .map(|(x, y)| {
@@ -971,13 +1012,13 @@ pub fn rel_l1(x: &[f32], prev: &[f32]) -> f64 {
     ratio(num, den)
 }
 
-fn l1_sums(x: &[f32], prev: &[f32]) -> (f64, f64) {
+pub(super) fn l1_sums(x: &[f32], prev: &[f32]) -> (f64, f64) {
     x.iter().zip(prev).fold((0.0, 0.0), |(n, d), (&a, &b)| {
         (n + (a as f64 - b as f64).abs(), d + (b as f64).abs())
     })
 }
 
-fn ratio(num: f64, den: f64) -> f64 {
+pub(super) fn ratio(num: f64, den: f64) -> f64 {
     if den > 0.0 {
         num / den
     } else if num == 0.0 {

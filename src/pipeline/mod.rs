@@ -600,17 +600,31 @@ impl Pipeline {
         };
 
         if let Some(layout) = self.pipefusion.clone() {
-            let policy = req.cache.as_ref().unwrap_or(&self.steps.policy);
-            if *policy != CachePolicy::None {
+            let policy = req
+                .cache
+                .clone()
+                .unwrap_or_else(|| self.steps.policy.clone());
+            policy
+                .validate()
+                .map_err(|e| PipelineError::Request(e.to_string()))?;
+            if self.parallel.stale.is_some() {
                 return Err(PipelineError::Request(
-                    "step caching with PipeFusion is not supported yet: use --cache none".into(),
+                    "PipeFusion does not combine with DistriFusion or PCPP: give the layout inside each stage with --ulysses-degree, --ring-degree and --use-cfg-parallel".into(),
                 ));
             }
+            if !self.steps.taps().is_empty() {
+                return Err(PipelineError::Request(
+                    "tapped runs (analysis) run the whole transformer on one rank, not PipeFusion stages".into(),
+                ));
+            }
+            pipefusion::check_latent_rows(layout.patches, &self.family, &latents.shape)?;
+            let cut = pipefusion::CacheCut::of(&policy);
+            let mesh = self.parallel.mesh;
             let t0 = Instant::now();
             let reuse = self
                 .pipefusion_stages
                 .as_ref()
-                .is_some_and(|s| s.shapes == batch.shapes && s.layout == layout);
+                .is_some_and(|s| s.fits(&batch.shapes, &layout, mesh, cut));
             if !reuse {
                 self.pipefusion_stages = None;
                 self.pipefusion_stages = Some(pipefusion::compile_stages(
@@ -618,6 +632,7 @@ impl Pipeline {
                     &batch.shapes,
                     &layout,
                     &self.parallel,
+                    cut,
                 )?);
             }
             let compile_seconds = if reuse {
@@ -629,6 +644,17 @@ impl Pipeline {
                 seconds: compile_seconds,
                 num_steps: timesteps.len(),
             });
+            let rescale = match policy {
+                CachePolicy::TeaCache { .. } => Some(self.teacache_rescale()?),
+                _ => None,
+            };
+            // Every rank of the last stage steps its own copy of the scheduler alike.
+            let mut schedulers = vec![sched];
+            for _ in 1..mesh.world_size() {
+                let mut other = parse_scheduler(&self.scheduler_config, &self.scheduler_path)?;
+                self.set_timesteps(other.as_mut(), req, lh, lw)?;
+                schedulers.push(other);
+            }
             let run = pipefusion::Run {
                 family: &self.family,
                 batch: &batch,
@@ -636,12 +662,24 @@ impl Pipeline {
                 timesteps: &timesteps,
                 latents: &latents,
                 scheduler_path: &self.scheduler_path,
-                scheduler: std::sync::Mutex::new(Some(sched)),
+                schedulers: std::sync::Mutex::new(schedulers),
+                cache: (!policy.is_none()).then(|| pipefusion::StageCache {
+                    policy: policy.clone(),
+                    rescale,
+                }),
             };
             let stages = self.pipefusion_stages.as_ref().expect("compiled above");
-            let (latents, step_seconds, report) =
+            let (latents, step_seconds, report, cache_report) =
                 pipefusion::denoise(stages, &run, &self.rank_options, on_progress)?;
             self.pipefusion_report = Some(report);
+            let n = timesteps.len();
+            self.steps.set_report(cache_report.unwrap_or(CacheReport {
+                policy,
+                computed: vec![true; n],
+                indicator: vec![None; n],
+                rescale: None,
+                patches: Vec::new(),
+            }));
             let timing = (compile_seconds, step_seconds);
             return self.finish(latents, (lh, lw), timesteps, batch.cfg, timing, on_progress);
         }

@@ -35,6 +35,7 @@ pub fn rules() -> Vec<IrRewrite> {
         constant("div-one", "(div ?x (scalar ?c))", 1.0),
         pattern_rule("neg-neg", "(neg (neg ?x))", same_meta_as_x),
         pattern_rule("slice-whole", "(slice ?x ?a ?s ?e)", slice_is_whole),
+        structural("concat-of-slices", concat_of_slices, Build::Operand),
     ]
 }
 
@@ -316,4 +317,58 @@ fn permute_identity(eg: &IrEGraph, eclass: Id, node: &Op) -> Vec<Found> {
     } else {
         vec![]
     }
+}
+
+/// `concat A (slice x A 0 e1) (slice x A e1 e2) ... (slice x A ek len)` -> `x`: adjacent
+/// slices that cover `x` along the concatenation axis put back together (a model that
+/// marks a joint stream's parts as separate streams, as Flux's single blocks do for
+/// pipeline stages, splits and rejoins it at every block).
+fn concat_of_slices(eg: &IrEGraph, eclass: Id, node: &Op) -> Vec<Found> {
+    let Op::Concat(ch) = node else {
+        return vec![];
+    };
+    let Some((&axis, parts)) = ch.split_first() else {
+        return vec![];
+    };
+    let Some(axis) = int_of(eg, axis) else {
+        return vec![];
+    };
+    // The (x, start, end) of each slice along `axis` an operand's e-class holds.
+    let slices = |class: Id| -> Vec<(Id, i64, i64)> {
+        eg[class]
+            .iter()
+            .filter_map(|n| match n {
+                Op::Slice([x, a, s, e]) if int_of(eg, *a) == Some(axis) => {
+                    Some((eg.find(*x), int_of(eg, *s)?, int_of(eg, *e)?))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let Some(&first) = parts.first() else {
+        return vec![];
+    };
+    let mut found = Vec::new();
+    for (x, start, mut end) in slices(first) {
+        if start != 0 {
+            continue;
+        }
+        let covers = parts[1..].iter().all(|&p| {
+            match slices(p).into_iter().find(|&(y, s, _)| y == x && s == end) {
+                Some((_, _, e)) => {
+                    end = e;
+                    true
+                }
+                None => false,
+            }
+        });
+        let len = usize::try_from(axis)
+            .ok()
+            .and_then(|a| eg[x].data.shape().and_then(|sh| sh.get(a).copied()));
+        let whole = len.is_some_and(|len| i64::try_from(len) == Ok(end));
+        if covers && whole && same_meta(eg, eclass, x) {
+            found.push(Found { x, attrs: vec![] });
+        }
+    }
+    found
 }

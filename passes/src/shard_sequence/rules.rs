@@ -87,6 +87,19 @@ pub fn attends_gathered_queries(eg: &IrEGraph, node: &Op) -> bool {
     has_sp_gather(eg, *q, Some(1))
 }
 
+/// Whether `node` gathers over the CFG pair a value that is itself gathered over the Sp
+/// ranks (rather than gathering the local rows over the pair first).
+pub fn cfg_gather_of_sp_gathered(eg: &IrEGraph, node: &Op) -> bool {
+    let Op::AllGather(ch) = node else {
+        return false;
+    };
+    let name = match ch.get(2).map(|&m| &eg[m].data) {
+        Some(Meta::Name(s)) => s.to_string(),
+        _ => return false,
+    };
+    name == "cfg" && has_sp_gather(eg, ch[0], None)
+}
+
 /// Whether the class of `id` is the gather of local rows over the Sp ranks (along `axis`,
 /// or any axis): it has a sharded form.
 pub fn has_sp_gather(eg: &IrEGraph, id: Id, axis: Option<usize>) -> bool {
@@ -188,7 +201,10 @@ impl Sweep<'_> {
     pub fn apply(&mut self, class: Id, node: &Op) {
         let rank = |eg: &IrEGraph, id: Id| shape(eg, id).len();
         match node {
+            // `seq` marks a token stream and computes nothing: a CFG gather under it moves
+            // over it, so that the stream's Sp shard can be taken of the local batch half.
             Op::Neg(x)
+            | Op::Seq(x)
             | Op::Silu(x)
             | Op::GeluTanh(x)
             | Op::Gelu(x)

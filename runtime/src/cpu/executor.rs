@@ -9,7 +9,7 @@ use super::fused::run_fused;
 use super::kernels::{attention, conv, embed, gemm, layout, norm};
 use crate::comm::{CommStats, Communicator};
 use crate::parallel::stale::{self, StaleState};
-use crate::parallel::{self, ParallelStats, RankCtx, SeqAttn};
+use crate::parallel::{self, ParallelStats, Placement, RankCtx, SeqAttn};
 use crate::RuntimeError;
 
 /// Weights of a program, in `Program::weights` order, as f32.
@@ -25,9 +25,10 @@ pub struct CpuExecutor {
     /// `None` for single-rank programs: their parallel steps need no communication.
     comm: Option<Box<dyn Communicator>>,
     parallel_stats: ParallelStats,
-    /// Built by [`virtual_ranks`](Self::virtual_ranks): plays every Sp member of the
-    /// program in turn, as [`StaleState::virtual_rank`] says.
-    virtual_ranks: bool,
+    /// Built by [`placed`](Self::placed): where the program's ranks are on the
+    /// communicator, and whether this executor plays virtual patches in turn (as
+    /// [`StaleState::patch`] says). `rank` is then this executor's physical rank.
+    placement: Option<Placement>,
 }
 
 /// Time spent per step kind during one run.
@@ -63,47 +64,78 @@ impl CpuExecutor {
         Self::build(program, weights, 0, None)
     }
 
-    /// One executor that plays every Sp member of a program in turn (PipeFusion's patches:
-    /// each run computes the patch [`StaleState::virtual_rank`] names), with no
-    /// communicator: a `Shard` takes that member's rows, an `AllGather` over Sp fills a
-    /// persistent assembly buffer, and displaced attention works on the shared K/V store
-    /// (see [`parallel::stale`]). The mesh must have no CFG split (`cfg = 1`), and every
-    /// sequence-parallel attention must be displaced (the others need real ranks).
-    /// Runs go through [`run_with_state`](Self::run_with_state).
+    /// One executor that plays every patch of a program in turn, alone (PipeFusion's patches
+    /// on a stage of one rank): [`placed`](Self::placed) with `mesh.ring` patches on one
+    /// rank, which needs no communicator. The mesh must have no CFG split and no Ulysses
+    /// axis (those need ranks of their own).
     pub fn virtual_ranks(program: Arc<Program>, weights: Weights) -> Result<Self, RuntimeError> {
         let mesh = program.mesh;
-        if mesh.cfg != 1 {
+        if mesh.cfg != 1 || mesh.ulysses != 1 {
             return Err(RuntimeError::Binding(format!(
-                "virtual ranks play the sequence-parallel members of one CFG group; the \
-                 program was compiled for CFG degree {} ({mesh:?})",
-                mesh.cfg
+                "virtual ranks alone play the ring members of one CFG group; the program was \
+                 compiled for CFG degree {} and Ulysses degree {} ({mesh:?}): place it on a \
+                 group of ranks with CpuExecutor::placed",
+                mesh.cfg, mesh.ulysses
             )));
         }
-        for (i, step) in program.steps.iter().enumerate() {
-            let bad = match step {
-                Step::SeqAttention { method, .. } if *method != SeqMethod::Displaced => {
-                    Some("only displaced attention can run on virtual ranks".to_string())
+        let placement = Placement {
+            patches: mesh.ring,
+            ranks: vec![0],
+        };
+        Self::placed(program, weights, 0, placement)
+    }
+
+    /// An executor for physical rank `rank` of a group that plays a program as `placement`
+    /// says (see [`parallel::placement`]): with `placement.patches` > 1 every run computes
+    /// the patch [`StaleState::patch`] names (PipeFusion's patches on a stage's ranks): a
+    /// `Shard` takes that patch's piece, an `AllGather` over Sp gathers the patch from the
+    /// group into a persistent assembly buffer, and displaced attention works on the shared
+    /// K/V store (see [`parallel::stale`]); every sequence-parallel attention must then be
+    /// displaced. Collectives go through the communicator given to each run
+    /// ([`run_placed`](Self::run_placed)), on the ranks `placement.ranks` names.
+    pub fn placed(
+        program: Arc<Program>,
+        weights: Weights,
+        rank: usize,
+        placement: Placement,
+    ) -> Result<Self, RuntimeError> {
+        let mesh = program.mesh;
+        placement.check(&mesh)?;
+        if rank >= placement.ranks.len() {
+            return Err(RuntimeError::Binding(format!(
+                "physical rank {rank} is outside the group of {} rank(s)",
+                placement.ranks.len()
+            )));
+        }
+        if placement.patches > 1 {
+            for (i, step) in program.steps.iter().enumerate() {
+                let bad = match step {
+                    Step::SeqAttention { method, .. } if *method != SeqMethod::Displaced => {
+                        Some("only displaced attention can run on virtual patches".to_string())
+                    }
+                    Step::Shard {
+                        mesh: axis, parts, ..
+                    }
+                    | Step::AllGather {
+                        mesh: axis, parts, ..
+                    } if !matches!(axis, MeshAxis::Sp | MeshAxis::Cfg) && *parts > 1 => {
+                        Some(format!(
+                            "virtual patches split over the `sp` and `cfg` axes only, not `{}`",
+                            axis.as_str()
+                        ))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = bad {
+                    return Err(RuntimeError::Unsupported(format!(
+                        "step {i} (`{}`): {why}",
+                        step.kind()
+                    )));
                 }
-                Step::Shard {
-                    mesh: axis, parts, ..
-                }
-                | Step::AllGather {
-                    mesh: axis, parts, ..
-                } if *axis != MeshAxis::Sp && *parts > 1 => Some(format!(
-                    "virtual ranks split over the `sp` axis only, not `{}`",
-                    axis.as_str()
-                )),
-                _ => None,
-            };
-            if let Some(why) = bad {
-                return Err(RuntimeError::Unsupported(format!(
-                    "step {i} (`{}`): {why}",
-                    step.kind()
-                )));
             }
         }
-        let mut e = Self::build(program, weights, 0, None)?;
-        e.virtual_ranks = true;
+        let mut e = Self::build(program, weights, rank, None)?;
+        e.placement = Some(placement);
         Ok(e)
     }
 
@@ -172,7 +204,7 @@ impl CpuExecutor {
             rank,
             comm,
             parallel_stats: ParallelStats::default(),
-            virtual_ranks: false,
+            placement: None,
         })
     }
 
@@ -233,7 +265,7 @@ impl CpuExecutor {
     /// Runs the program on `inputs` (in `Program::inputs` order) and returns the outputs in
     /// `Program::outputs` order.
     pub fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        self.run_announced(inputs, None, None)
+        self.run_announced(inputs, None, None, None)
     }
 
     /// [`run`](Self::run) for programs with displaced attention: `state` holds every
@@ -246,7 +278,24 @@ impl CpuExecutor {
         inputs: &[&[f32]],
         state: &mut StaleState,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        self.run_announced(inputs, None, Some(state))
+        self.run_announced(inputs, None, Some(state), None)
+    }
+
+    /// A run of an executor built with [`placed`](Self::placed): collectives go through
+    /// `comm` (whose ranks the placement names; `None` when the group is one rank), the
+    /// stale state says which patch this run computes.
+    pub fn run_placed(
+        &mut self,
+        inputs: &[&[f32]],
+        state: &mut StaleState,
+        comm: Option<&mut dyn Communicator>,
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        if self.placement.is_none() {
+            return Err(RuntimeError::Binding(
+                "run_placed needs an executor built with CpuExecutor::placed".into(),
+            ));
+        }
+        self.run_announced(inputs, None, Some(state), comm)
     }
 
     /// Whether the program has displaced attention (and so needs a [`StaleState`]).
@@ -268,7 +317,7 @@ impl CpuExecutor {
         inputs: &[&[f32]],
     ) -> Result<(Vec<Vec<f32>>, Profile), RuntimeError> {
         let mut p = Profile::default();
-        let out = self.run_announced(inputs, Some(&mut p), None)?;
+        let out = self.run_announced(inputs, Some(&mut p), None, None)?;
         Ok((out, p))
     }
 
@@ -280,10 +329,13 @@ impl CpuExecutor {
         inputs: &[&[f32]],
         profile: Option<&mut Profile>,
         state: Option<&mut StaleState>,
+        mut ext: Option<&mut dyn Communicator>,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        let result = self.run_inner(inputs, profile, state);
-        if let (Err(e), Some(comm)) = (&result, self.comm.as_deref_mut()) {
-            comm.fail(&e.to_string());
+        let result = self.run_inner(inputs, profile, state, reborrow(&mut ext));
+        if let Err(e) = &result {
+            if let Some(comm) = either_comm(reborrow(&mut ext), &mut self.comm) {
+                comm.fail(&e.to_string());
+            }
         }
         result
     }
@@ -293,6 +345,7 @@ impl CpuExecutor {
         inputs: &[&[f32]],
         mut profile: Option<&mut Profile>,
         mut state: Option<&mut StaleState>,
+        mut ext: Option<&mut dyn Communicator>,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let program = self.program.clone();
         let member = self.check_state(state.as_deref())?;
@@ -319,8 +372,15 @@ impl CpuExecutor {
         }
         for (i, step) in program.steps.iter().enumerate() {
             let t0 = profile.as_ref().map(|_| Instant::now());
-            self.exec(&program, step, inputs, member, state.as_deref_mut())
-                .map_err(|e| in_step(e, i, step))?;
+            self.exec(
+                &program,
+                step,
+                inputs,
+                member,
+                state.as_deref_mut(),
+                reborrow(&mut ext),
+            )
+            .map_err(|e| in_step(e, i, step))?;
             if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
                 p.add(step.kind(), t0.elapsed().as_secs_f64());
             }
@@ -329,11 +389,9 @@ impl CpuExecutor {
             let t0 = profile.as_ref().map(|_| Instant::now());
             let mut ctx = RankCtx {
                 mesh: program.mesh,
-                rank: member.unwrap_or(self.rank),
-                comm: match self.comm.as_mut() {
-                    Some(c) => Some(c.as_mut()),
-                    None => None,
-                },
+                rank: member,
+                comm: either_comm(reborrow(&mut ext), &mut self.comm),
+                placement: self.placement.as_ref(),
             };
             stale::finish_run(&mut ctx, st)?;
             if let (Some(p), Some(t0)) = (profile, t0) {
@@ -347,31 +405,38 @@ impl CpuExecutor {
             .collect())
     }
 
-    /// The virtual member this run plays (`None`: the executor's own rank), after checking
-    /// that the state and the executor agree.
-    fn check_state(&self, state: Option<&StaleState>) -> Result<Option<usize>, RuntimeError> {
-        let sp = self.program.mesh.sp();
-        let vr = state.and_then(|s| s.virtual_rank);
-        match (self.virtual_ranks, vr) {
-            (true, Some(i)) if i < sp => Ok(Some(i)),
-            (true, Some(i)) => Err(RuntimeError::Input(format!(
-                "virtual rank {i} is outside the program's {sp} sequence-parallel part(s)"
+    /// The program rank this run plays (with virtual patches, this rank's member of the
+    /// patch the state names), after checking that the state and the executor agree.
+    fn check_state(&self, state: Option<&StaleState>) -> Result<usize, RuntimeError> {
+        let mesh = self.program.mesh;
+        let patch = state.and_then(|s| s.patch);
+        let Some(placement) = &self.placement else {
+            return match patch {
+                None => Ok(self.rank),
+                // One part: the patch is the only one there is.
+                Some(0) if mesh.world_size() == 1 => Ok(self.rank),
+                Some(i) => Err(RuntimeError::Binding(format!(
+                    "the stale state asks for patch {i}, but this executor runs rank {} of a \
+                     real mesh: build it with CpuExecutor::placed",
+                    self.rank
+                ))),
+            };
+        };
+        let patches = placement.patches;
+        match patch {
+            Some(i) if i < patches => Ok(placement.program_rank(&mesh, self.rank, i)),
+            Some(i) => Err(RuntimeError::Input(format!(
+                "patch {i} is outside the program's {patches} virtual patch(es)"
             ))),
-            (true, None) if state.is_none() => Err(RuntimeError::Binding(
-                "an executor of virtual ranks runs with run_with_state and a StaleState".into(),
-            )),
-            (true, None) => Err(RuntimeError::Input(
-                "an executor of virtual ranks needs StaleState::virtual_rank: the part to compute"
+            None if patches == 1 => Ok(placement.program_rank(&mesh, self.rank, 0)),
+            None if state.is_none() => Err(RuntimeError::Binding(
+                "an executor of virtual patches runs with a StaleState (run_with_state or run_placed)"
                     .into(),
             )),
-            // One part: the virtual rank is the only one there is.
-            (false, Some(0)) if self.program.mesh.world_size() == 1 => Ok(None),
-            (false, Some(i)) => Err(RuntimeError::Binding(format!(
-                "the stale state asks for virtual rank {i}, but this executor runs rank {} of \
-                 a real mesh: build it with CpuExecutor::virtual_ranks",
-                self.rank
-            ))),
-            (false, None) => Ok(None),
+            None => Err(RuntimeError::Input(
+                "an executor of virtual patches needs StaleState::patch: the patch to compute"
+                    .into(),
+            )),
         }
     }
 
@@ -384,8 +449,9 @@ impl CpuExecutor {
         p: &Program,
         step: &Step,
         inputs: &[&[f32]],
-        member: Option<usize>,
+        member: usize,
         state: Option<&mut StaleState>,
+        mut ext: Option<&mut dyn Communicator>,
     ) -> Result<(), RuntimeError> {
         let out_v = &p.values[step.output()];
         let Storage::Buffer(ob) = out_v.storage else {
@@ -402,14 +468,12 @@ impl CpuExecutor {
         // stay available to the parallel steps.
         let (buffers, weights) = (&self.buffers, &self.weights);
         let r = |v: ValueId| read_value(buffers, weights, p, v, inputs);
-        // A virtual member is the rank with that Sp index (the mesh has no CFG split).
+        let virtual_patches = self.placement.as_ref().is_some_and(|pl| pl.patches > 1);
         let mut ctx = RankCtx {
             mesh: p.mesh,
-            rank: member.unwrap_or(self.rank),
-            comm: match self.comm.as_mut() {
-                Some(c) => Some(c.as_mut()),
-                None => None,
-            },
+            rank: member,
+            comm: either_comm(reborrow(&mut ext), &mut self.comm),
+            placement: self.placement.as_ref(),
         };
         let shape = |v: ValueId| p.values[v].shape.as_slice();
         let mut result = Ok(());
@@ -593,9 +657,17 @@ impl CpuExecutor {
                 parts,
                 ..
             } => {
-                result = match (member, state) {
-                    (Some(m), Some(st)) if *mesh == MeshAxis::Sp && *parts > 1 => {
-                        stale::virtual_all_gather(st, m, r(*x), shape(*x), *axis, segments, out)
+                result = match state {
+                    Some(st) if virtual_patches && *mesh == MeshAxis::Sp && *parts > 1 => {
+                        stale::virtual_all_gather(
+                            &mut ctx,
+                            st,
+                            r(*x),
+                            shape(*x),
+                            *axis,
+                            segments,
+                            out,
+                        )
                     }
                     _ => parallel::all_gather(
                         &mut ctx,
@@ -653,6 +725,29 @@ impl CpuExecutor {
         }
         self.buffers[ob] = obuf;
         result
+    }
+}
+
+/// A shorter borrow of an optional communicator (the trait object's lifetime shortened
+/// with it, which `Option::as_deref_mut` cannot do).
+fn reborrow<'s>(c: &'s mut Option<&mut dyn Communicator>) -> Option<&'s mut dyn Communicator> {
+    match c {
+        Some(c) => Some(&mut **c),
+        None => None,
+    }
+}
+
+/// The communicator a run was given, else the executor's own.
+fn either_comm<'a>(
+    given: Option<&'a mut dyn Communicator>,
+    own: &'a mut Option<Box<dyn Communicator>>,
+) -> Option<&'a mut dyn Communicator> {
+    match given {
+        Some(c) => Some(c),
+        None => match own {
+            Some(c) => Some(c.as_mut()),
+            None => None,
+        },
     }
 }
 

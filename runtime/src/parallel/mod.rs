@@ -12,6 +12,7 @@
 //! volumes (Ring attention on a `ulysses = 1` mesh issues no all-to-all at all). That is
 //! also why a 1-rank program needs no communicator.
 
+pub mod placement;
 pub mod ring;
 pub mod segments;
 pub mod shard;
@@ -23,6 +24,7 @@ use ditto_codegen::{Mesh, MeshAxis, Program, Segment, SeqMethod, Step};
 use crate::comm::{Communicator, Group};
 use crate::cpu::kernels::attention::attention_masked;
 use crate::RuntimeError;
+pub use placement::Placement;
 use shard::AxisView;
 use ulysses::HeadSplit;
 
@@ -48,15 +50,47 @@ pub fn ulysses_head_padding(heads: usize, degree: usize) -> usize {
 /// What a parallel step needs to know about the rank running it.
 pub struct RankCtx<'a> {
     pub mesh: Mesh,
+    /// The program rank this run plays (with virtual patches, the member of this run's
+    /// patch).
     pub rank: usize,
     /// `None` only for single-rank programs, which never need one (see the module doc).
     pub comm: Option<&'a mut dyn Communicator>,
+    /// Where the program's ranks are on the communicator; `None`: program rank r is
+    /// communicator rank r.
+    pub placement: Option<&'a Placement>,
 }
 
 impl RankCtx<'_> {
-    /// The rank's group along `axis`, in index order.
+    /// The program ranks of this rank's group along `axis` that run with it, in index
+    /// order (with virtual patches, only this patch's members).
+    fn members(&self, axis: MeshAxis) -> Vec<usize> {
+        match self.placement {
+            Some(p) => p.members(&self.mesh, self.rank, axis),
+            None => self.mesh.group(self.rank, axis),
+        }
+    }
+
+    /// The communicator rank of program rank `rank`.
+    fn comm_rank(&self, rank: usize) -> usize {
+        match self.placement {
+            Some(p) => p.comm_rank(&self.mesh, rank),
+            None => rank,
+        }
+    }
+
+    /// This rank on the communicator.
+    fn me(&self) -> usize {
+        self.comm_rank(self.rank)
+    }
+
+    /// The rank's group along `axis` on the communicator, in index order.
     fn group(&self, axis: MeshAxis) -> Group {
-        Group::new(self.mesh.group(self.rank, axis))
+        Group::new(
+            self.members(axis)
+                .into_iter()
+                .map(|r| self.comm_rank(r))
+                .collect(),
+        )
     }
 
     fn comm(&mut self, step: &str) -> Result<&mut dyn Communicator, RuntimeError> {
@@ -230,7 +264,7 @@ pub fn seq_attention(
     out: &mut [f32],
     stats: &mut ParallelStats,
 ) -> Result<(), RuntimeError> {
-    let single = Group::new(vec![ctx.rank]);
+    let single = Group::new(vec![ctx.me()]);
     let (ugroup, rgroup) = match a.method {
         SeqMethod::Ulysses => (ctx.group(MeshAxis::Sp), single),
         SeqMethod::Ring => (single, ctx.group(MeshAxis::Sp)),
@@ -245,8 +279,8 @@ pub fn seq_attention(
     };
     let (uc, rc) = (ugroup.size(), rgroup.size());
     let (ui, ri) = (
-        ugroup.index_of(ctx.rank).unwrap_or(0),
-        rgroup.index_of(ctx.rank).unwrap_or(0),
+        ugroup.index_of(ctx.me()).unwrap_or(0),
+        rgroup.index_of(ctx.me()).unwrap_or(0),
     );
     debug_assert_eq!(ri * uc + ui, ctx.mesh.index(ctx.rank, MeshAxis::Sp));
     let split = HeadSplit::new(a.heads, a.head_dim, uc);

@@ -1,47 +1,59 @@
 //! Displaced attention (`SeqMethod::Displaced`): attention over K/V that persist across the
 //! runs (denoising steps) of one generation — DistriFusion, PCPP, and PipeFusion's patches.
 //!
+//! The staleness lives on the mesh's **ring** axis: its members are the patches whose K/V
+//! may be a step old. The **Ulysses** axis, when larger than one, is exact inside: the
+//! queries, keys and values go through Ulysses' all-to-all first (every Ulysses member gets
+//! its group's rows for its share of the heads), the stores hold those heads only, and the
+//! output comes back with the inverse all-to-all. That is how PipeFusion (and DistriFusion)
+//! compose with Ulysses; with Ring inside PipeFusion the stage's ring members gather each
+//! patch's K/V exactly (see *virtual patches* below).
+//!
 //! Every displaced attention of a program (identified by its ordinal among the program's
 //! displaced attentions) owns a K store and a V store holding the keys of *every* Sp member
 //! in the full padded key layout: per key segment `s` (in segment order) `parts * local_s`
 //! rows, member `m`'s rows at `[m * local_s, (m + 1) * local_s)` of it, rows at or past
 //! `valid_s` being padding (masked). With every segment dividing the part count, this is the
-//! unsplit sequence itself, which is why a 1-part program and an M-part program of the same
-//! graph can share one state (PipeFusion's warmup and patch programs).
+//! unsplit sequence itself, which is why a 1-part and an M-part program of the same graph can
+//! share one state (PipeFusion's warmup and patch programs). With Ulysses, a store row is
+//! this rank's heads only (`ceil(heads / U) * head_dim` wide).
 //!
 //! What an attention does with its store depends on the [`StaleState`]:
-//! - **Exact** mode (warmup steps, and every step when no staleness is asked): the local K
-//!   and V are all-gathered synchronously over the Sp group into the store (two collectives
-//!   per attention) and the local queries attend to all of it. Equal to the serial result
-//!   up to float rounding.
-//! - **Stale** mode (DistriFusion): the fresh local K/V overwrite this member's slot, the
+//! - **Exact** mode (warmup steps, and every step when no staleness is asked): the ring
+//!   members all-gather their K and V synchronously into the store (two collectives per
+//!   attention) and the queries attend to all of it. Equal to the serial result up to float
+//!   rounding.
+//! - **Stale** mode (DistriFusion): the fresh K/V overwrite this ring member's slot, the
 //!   queries attend to the whole store (the other slots hold the previous step's K/V), and
 //!   the attention is queued. After the program's last step, the fresh slots of *all*
-//!   queued attentions are exchanged in ONE batched all-gather over the Sp group and written
+//!   queued attentions are exchanged in ONE batched all-gather over the ring and written
 //!   into the other members' slots, ready for the next step. DistriFusion overlaps that
 //!   gather with the next step's compute; the CPU backend runs it synchronously at the end
 //!   of the step (the traffic and the values are the same). A true overlap comes with the
 //!   GPU backend (a communication stream, waited for before the next step's first use).
-//! - **PCPP** (stale mode with a portion `F`): per key segment with `local` rows per member,
-//!   `w = ceil(F * local)`; the queries of member `i` attend only to rows
+//! - **PCPP** (stale mode with a portion `F`, no Ulysses): per key segment with `local` rows
+//!   per member, `w = ceil(F * local)`; the queries of member `i` attend only to rows
 //!   `[i * local - w, (i + 1) * local + w)` of each segment (clipped; padding masked), and
 //!   the end-of-run exchange sends only those `w` edge rows to each neighbour (`i - 1` gets
 //!   the top `w` rows, `i + 1` the bottom `w`; one message per neighbour carrying every
 //!   attention's K and V edges). Warmup is the same full all-gather as DistriFusion.
-//! - **Virtual** ranks ([`StaleState::virtual_rank`], PipeFusion): one executor without a
-//!   communicator runs an M-part program patch by patch. `Shard` takes the patch's rows,
-//!   `AllGather` writes the patch's rows into a persistent assembly buffer and outputs all
-//!   of it (the other patches as last written), and a displaced attention writes the
-//!   patch's fresh K/V into its slot and attends to the whole store, with no exchange: the
-//!   other patches are fresh when computed earlier in this step, else one step stale.
+//! - **Virtual patches** ([`StaleState::patch`], PipeFusion): a group of ranks plays an
+//!   M-patch program patch by patch ([`Placement`](super::Placement)); the run computes the
+//!   patch the state names. `Shard` takes that patch's rows, `AllGather` over Sp gathers the
+//!   patch's pieces from the group and writes them into a persistent assembly buffer whose
+//!   other rows are as last written, and a displaced attention writes the patch's fresh K/V
+//!   into its slots (gathered exactly from the group's ring members) and attends to the
+//!   whole store, with no exchange afterwards: the other patches are fresh when computed
+//!   earlier in this step, else one step stale.
 //!
 //! Rows never written since the last [`reset`](StaleState::reset) (no warmup step yet) are
 //! masked out rather than attended to as zeros: without warmup, the first step attends to
-//! what exists (its own patch, and in virtual mode the patches already computed).
+//! what exists (its own patch, and with virtual patches the patches already computed).
 
 use ditto_codegen::{MeshAxis, Segment};
 
 use super::shard::AxisView;
+use super::ulysses::{self, HeadSplit};
 use super::{segments, RankCtx, SeqAttn};
 use crate::cpu::kernels::attention::attention_masked;
 use crate::RuntimeError;
@@ -72,7 +84,7 @@ pub struct StaleStats {
     pub exact_attentions: u64,
     /// Attentions run in stale mode (other members' K/V from the previous run).
     pub stale_attentions: u64,
-    /// Attentions run for a virtual rank (PipeFusion patches).
+    /// Attentions run for a virtual patch (PipeFusion).
     pub virtual_attentions: u64,
     /// End-of-run exchanges (one batched collective, or one PCPP edge round).
     pub exchanges: u64,
@@ -180,6 +192,33 @@ impl KvStore {
         self.write_rows(segs, m, &|s| (0, s.local), k, v, false);
     }
 
+    /// The slots of `count` consecutive members from `first`, whose local rows `k`/`v` hold
+    /// member-major within each batch element (`[batch, count * local, width]`, what
+    /// Ulysses' all-to-all gives).
+    fn write_members(
+        &mut self,
+        segs: &[Segment],
+        first: usize,
+        count: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        if count == 1 {
+            self.write_slot(segs, first, k, v);
+            return;
+        }
+        let rows = segments::local_rows(segs) * self.layout.width;
+        let batch = self.layout.batch;
+        let member = |src: &[f32], j: usize| -> Vec<f32> {
+            (0..batch)
+                .flat_map(|b| src[(b * count + j) * rows..][..rows].iter().copied())
+                .collect()
+        };
+        for j in 0..count {
+            self.write_slot(segs, first + j, &member(k, j), &member(v, j));
+        }
+    }
+
     /// Member `m`'s local rows as they are in the store (K then V), rows `[from, to)` of
     /// each segment, batch-major, appended to `out`.
     fn read_rows(&self, segs: &[Segment], m: usize, rows_of: Rows, out: &mut Vec<f32>) {
@@ -238,10 +277,10 @@ pub struct StaleState {
     /// PCPP: the portion `F` (0 < F <= 1) of each neighbour's patch attended to in stale
     /// mode; `None`: DistriFusion (every member's K/V).
     pub pcpp_portion: Option<f32>,
-    /// Virtual mode (PipeFusion): the Sp index (patch) the next run computes, on an
-    /// executor built with `CpuExecutor::virtual_ranks`. The mode does not matter then:
-    /// nothing is exchanged, the patch's fresh K/V go straight into the shared store.
-    pub virtual_rank: Option<usize>,
+    /// Virtual patches (PipeFusion): the patch the next run computes, on an executor built
+    /// with `CpuExecutor::placed` (or `virtual_ranks`). The mode does not matter then:
+    /// nothing is exchanged after the run, the patch's fresh K/V go straight into the store.
+    pub patch: Option<usize>,
     /// By displaced-attention ordinal.
     stores: Vec<KvStore>,
     /// By all-gather ordinal (virtual mode only): the whole gathered tensor.
@@ -271,7 +310,7 @@ impl StaleState {
 
     /// Forgets every stored K/V and assembly (between generations: the next one must not
     /// attend to this one's keys), the queue and the counters. Mode, PCPP portion and
-    /// virtual rank are kept.
+    /// patch are kept.
     pub fn reset(&mut self) {
         self.stores.clear();
         self.assemblies.clear();
@@ -315,9 +354,9 @@ impl StaleState {
                     "the PCPP portion must be in (0, 1], got {f}"
                 )));
             }
-            if self.virtual_rank.is_some() {
+            if self.patch.is_some() {
                 return Err(RuntimeError::Unsupported(
-                    "PCPP (a partial neighbour portion) applies to ranks exchanging K/V, not to virtual ranks".into(),
+                    "PCPP (a partial neighbour portion) applies to ranks exchanging K/V, not to virtual patches".into(),
                 ));
             }
         }
@@ -385,49 +424,95 @@ pub fn displaced_attention(
     v: &[f32],
     out: &mut [f32],
 ) -> Result<(), RuntimeError> {
-    let parts = ctx.mesh.sp();
-    let me = ctx.mesh.index(ctx.rank, MeshAxis::Sp);
+    let mesh = ctx.mesh;
+    let u = mesh.ulysses;
+    let ri = mesh.index(ctx.rank, MeshAxis::Ring);
     let segs = a.key_segments;
-    let width = a.heads * a.head_dim;
-    let layout = StoreLayout::new(a.batch, width, segs, parts);
-    let group = ctx.group(MeshAxis::Sp);
-    let (mode, portion, virtual_rank) = (state.mode, state.pcpp_portion, state.virtual_rank);
+    let (mode, portion, patch) = (state.mode, state.pcpp_portion, state.patch);
+    let exchange_now = patch.is_some() || mode == StaleMode::Exact;
+    if u > 1 && portion.is_some() && !exchange_now {
+        return Err(RuntimeError::Unsupported(format!(
+            "PCPP (a partial neighbour portion) with Ulysses degree {u}: the window is defined \
+             on ring members, each attending with its own rows"
+        )));
+    }
+    // Ulysses inside: this rank's share of the heads for its Ulysses group's rows.
+    let split = HeadSplit::new(a.heads, a.head_dim, u);
+    let scattered = if u > 1 {
+        let group = ctx.group(MeshAxis::Ulysses);
+        let comm = ctx.comm("displaced attention (Ulysses)")?;
+        Some(ulysses::scatter(
+            comm, &group, split, a.batch, a.sq, a.sk, q, k, v,
+        )?)
+    } else {
+        None
+    };
+    let (qs, ks, vs) = match &scattered {
+        Some(s) => (&s.q[..], &s.k[..], &s.v[..]),
+        None => (q, k, v),
+    };
+    let (heads, width) = if u > 1 {
+        (split.per_member, split.width())
+    } else {
+        (a.heads, a.heads * a.head_dim)
+    };
+    let layout = StoreLayout::new(a.batch, width, segs, mesh.sp());
     let (ordinal, store) = state.next_store(layout)?;
-    let window = match (virtual_rank, mode) {
-        (Some(_), _) => {
-            store.write_slot(segs, me, k, v);
-            state.stats.virtual_attentions += 1;
-            None
-        }
-        (None, StaleMode::Exact) => {
-            if group.size() == 1 {
-                store.write_slot(segs, me, k, v);
-            } else {
-                let comm = ctx.comm("displaced attention")?;
-                let n = k.len();
-                let mut gk = vec![0.0f32; group.size() * n];
-                let mut gv = vec![0.0f32; group.size() * n];
-                comm.all_gather(&group, k, &mut gk)?;
-                comm.all_gather(&group, v, &mut gv)?;
-                for m in 0..group.size() {
-                    store.write_slot(segs, m, &gk[m * n..(m + 1) * n], &gv[m * n..(m + 1) * n]);
+    // This ring member's slots: its Ulysses members' rows.
+    store.write_members(segs, ri * u, u, ks, vs);
+    let window = if exchange_now {
+        let members = ctx.members(MeshAxis::Ring);
+        if members.len() > 1 {
+            let group = ctx.group(MeshAxis::Ring);
+            let comm = ctx.comm("displaced attention")?;
+            let n = ks.len();
+            let mut gk = vec![0.0f32; members.len() * n];
+            let mut gv = vec![0.0f32; members.len() * n];
+            comm.all_gather(&group, ks, &mut gk)?;
+            comm.all_gather(&group, vs, &mut gv)?;
+            for (j, &m) in members.iter().enumerate() {
+                let r = mesh.index(m, MeshAxis::Ring);
+                if r != ri {
+                    let (k, v) = (&gk[j * n..(j + 1) * n], &gv[j * n..(j + 1) * n]);
+                    store.write_members(segs, r * u, u, k, v);
                 }
             }
+        }
+        if patch.is_some() {
+            state.stats.virtual_attentions += 1;
+        } else {
             state.stats.exact_attentions += 1;
-            None
         }
-        (None, StaleMode::Stale) => {
-            store.write_slot(segs, me, k, v);
-            state.queued.push((ordinal, segs.to_vec()));
-            state.stats.stale_attentions += 1;
-            portion.map(|f| (me, f))
-        }
+        None
+    } else {
+        state.queued.push((ordinal, segs.to_vec()));
+        state.stats.stale_attentions += 1;
+        portion.map(|f| (ri, f))
     };
     let store = &state.stores[ordinal];
     let mask = store.mask(segs, window);
+    if u == 1 {
+        attend(
+            q, store, &mask, a.batch, a.sq, heads, a.head_dim, a.scale, out,
+        );
+        return Ok(());
+    }
+    let mut o = vec![0.0f32; a.batch * u * a.sq * width];
     attend(
-        q, store, &mask, a.batch, a.sq, a.heads, a.head_dim, a.scale, out,
+        qs,
+        store,
+        &mask,
+        a.batch,
+        u * a.sq,
+        heads,
+        a.head_dim,
+        a.scale,
+        &mut o,
     );
+    drop(scattered);
+    let group = ctx.group(MeshAxis::Ulysses);
+    let comm = ctx.comm("displaced attention (Ulysses)")?;
+    ulysses::gather(comm, &group, split, a.batch, a.sq, &o, out)?;
     Ok(())
 }
 
@@ -486,19 +571,22 @@ fn attend(
     );
 }
 
-/// The end-of-run exchange of stale mode: every queued attention's fresh slot goes to the
-/// other Sp members (DistriFusion: one all-gather of all of them; PCPP: the edge rows to
+/// The end-of-run exchange of stale mode: every queued attention's fresh slots go to the
+/// other ring members (DistriFusion: one all-gather of all of them; PCPP: the edge rows to
 /// each neighbour, one message per direction), written into their stores for the next run.
-/// Nothing to do after an exact or virtual run.
+/// Nothing to do after an exact or virtual-patch run.
 pub fn finish_run(ctx: &mut RankCtx, state: &mut StaleState) -> Result<(), RuntimeError> {
     state.end_run()?;
     if state.queued.is_empty() {
         return Ok(());
     }
     let queued = std::mem::take(&mut state.queued);
-    let group = ctx.group(MeshAxis::Sp);
+    // Stale slots are per ring member; with Ulysses inside, a ring member's slots are its
+    // Ulysses members' rows (this rank's heads of them).
+    let group = ctx.group(MeshAxis::Ring);
     let p = group.size();
-    let me = ctx.mesh.index(ctx.rank, MeshAxis::Sp);
+    let me = ctx.mesh.index(ctx.rank, MeshAxis::Ring);
+    let u = ctx.mesh.ulysses;
     if p == 1 {
         return Ok(());
     }
@@ -507,7 +595,9 @@ pub fn finish_run(ctx: &mut RankCtx, state: &mut StaleState) -> Result<(), Runti
         None => {
             let mut mine = Vec::new();
             for (ordinal, segs) in &queued {
-                state.stores[*ordinal].read_rows(segs, me, &whole, &mut mine);
+                for j in 0..u {
+                    state.stores[*ordinal].read_rows(segs, me * u + j, &whole, &mut mine);
+                }
             }
             let n = mine.len();
             let mut all = vec![0.0f32; p * n];
@@ -518,9 +608,11 @@ pub fn finish_run(ctx: &mut RankCtx, state: &mut StaleState) -> Result<(), Runti
                 for (ordinal, segs) in &queued {
                     let store = &mut state.stores[*ordinal];
                     let len = store.layout.batch * segments::local_rows(segs) * store.layout.width;
-                    let (k, rest) = all[at..].split_at(len);
-                    store.write_slot(segs, m, k, &rest[..len]);
-                    at += 2 * len;
+                    for j in 0..u {
+                        let (k, rest) = all[at..].split_at(len);
+                        store.write_slot(segs, m * u + j, k, &rest[..len]);
+                        at += 2 * len;
+                    }
                 }
             }
         }
@@ -582,12 +674,12 @@ pub fn finish_run(ctx: &mut RankCtx, state: &mut StaleState) -> Result<(), Runti
     Ok(())
 }
 
-/// `Step::AllGather` over the Sp axis for a virtual rank: this patch's rows go into the
-/// persistent assembly buffer of this gather (by ordinal), and the output is all of it
-/// (the other patches as last written).
+/// `Step::AllGather` over the Sp axis for a virtual patch: the patch's pieces, gathered
+/// from the members playing it, go into the persistent assembly buffer of this gather (by
+/// ordinal), and the output is all of it (the other patches as last written).
 pub fn virtual_all_gather(
+    ctx: &mut RankCtx,
     state: &mut StaleState,
-    member: usize,
     x: &[f32],
     x_shape: &[usize],
     axis: usize,
@@ -608,7 +700,22 @@ pub fn virtual_all_gather(
             buf.len()
         )));
     }
-    super::shard::assemble_member(x, AxisView::new(x_shape, axis), segs, member, buf);
+    let view = AxisView::new(x_shape, axis);
+    let members = ctx.members(MeshAxis::Sp);
+    if members.len() == 1 {
+        let me = ctx.mesh.index(ctx.rank, MeshAxis::Sp);
+        super::shard::assemble_member(x, view, segs, me, buf);
+    } else {
+        let group = ctx.group(MeshAxis::Sp);
+        let mut gathered = vec![0.0f32; members.len() * x.len()];
+        ctx.comm("all_gather")?
+            .all_gather(&group, x, &mut gathered)?;
+        for (j, &m) in members.iter().enumerate() {
+            let piece = &gathered[j * x.len()..(j + 1) * x.len()];
+            let index = ctx.mesh.index(m, MeshAxis::Sp);
+            super::shard::assemble_member(piece, view, segs, index, buf);
+        }
+    }
     out.copy_from_slice(buf);
     Ok(())
 }
