@@ -196,6 +196,12 @@ pub fn communication(p: &Program, stats: &RankStats, forwards: usize) -> String 
             mib(stores)
         );
     }
+    let _ = writeln!(
+        out,
+        "memory per rank: weights {}, planned buffers {}",
+        mib(p.weight_bytes() as f64),
+        mib(p.buffer_bytes() as f64)
+    );
     let ((rows, valid), (heads, real)) = padding(p);
     if rows > valid || heads > real {
         let _ = writeln!(

@@ -6,7 +6,7 @@ mod common;
 
 use ditto::ir::mesh::Mesh;
 use ditto::pipeline::{PipeFusion, PipeFusionReport};
-use ditto::quality::distance;
+use ditto::quality::{distance, per_sample};
 use ditto::{GenerateRequest, Generation, HostTensor, Noise, Parallel, Pipeline};
 
 fn layout(stages: usize, patches: usize, warmup_steps: usize) -> Option<PipeFusion> {
@@ -64,21 +64,32 @@ fn patch_steps_with_nothing_stale_equal_the_serial_run() {
     assert!(d <= 1e-5, "{d}");
 }
 
+/// Quality on the trained built-in model (DDIM 20, guidance 3, classes 0..4 x seeds 0..4):
+/// per-image PSNR against the serial run of the same seed, mean over the 16 images.
+/// Measured with 1 warmup step (`tests/stale_quality.rs` prints the whole table): P=2 M=2
+/// 32.02 dB (worst image 23.30), P=2 M=4 28.76 (22.82); without warmup 31.24 and 27.88.
+/// The floors sit a little below.
 #[test]
 fn stale_patches_stay_close_to_the_serial_run() {
-    // Measured on this model (DDIM 20, guidance 3, classes 0-3 x 2 seeds): see the floors.
-    let req = request(10);
+    let seeds = [0u64, 1, 2, 3];
+    let labels: Vec<usize> = (0..4).flat_map(|c| seeds.iter().map(move |_| c)).collect();
+    let noise: Vec<u64> = (0..4).flat_map(|_| seeds).collect();
+    let req = GenerateRequest::classes(labels).with_noise(Noise::Seeds(noise));
     let reference = serial(&req);
-    for (p, m, floor) in [(2, 2, 25.0), (2, 4, 25.0)] {
-        let (g, _) = pipefusion(&req, layout(p, m, 1));
-        let d = distance(&reference.image.data, &g.image.data);
+    for (p, m, warmup, floor) in [(2, 2, 1, 31.5), (2, 4, 1, 28.5), (2, 2, 0, 30.5)] {
+        let (g, _) = pipefusion(&req, layout(p, m, warmup));
+        let s = per_sample(&reference.image.data, &g.image.data, 16);
+        eprintln!(
+            "P={p} M={m} warmup {warmup}: mean {:.2} dB, worst {:.2} dB",
+            s.mean_db, s.worst_db
+        );
         assert!(
-            d.psnr_db >= floor,
-            "P={p} M={m} warmup 1: {:.2} dB < {floor} dB",
-            d.psnr_db
+            s.mean_db >= floor,
+            "P={p} M={m} warmup {warmup}: {:.2} dB < {floor} dB",
+            s.mean_db
         );
         // Staleness does change the result: this is not a disguised serial run.
-        assert!(d.max_rel_err > 1e-6, "P={p} M={m}: identical to serial");
+        assert!(s.worst_db < 60.0, "P={p} M={m}: identical to serial");
     }
 }
 
@@ -393,5 +404,95 @@ fn cached_patches_skip_steps_and_stay_close() {
         let db = distance(&reference.image.data, &g.image.data).psnr_db;
         eprintln!("{policy}: {done} of {all} patch steps computed, {db:.2} dB vs serial (PipeFusion alone {plain_db:.2} dB)");
         assert!(db >= 20.0, "{policy}: {db:.2} dB");
+    }
+}
+
+/// The command line: a hybrid with a cache reports its stages, traffic and patches, and
+/// the combinations that cannot work are clear errors.
+#[test]
+fn cli_hybrid_reports_and_bad_combinations_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("pf.png");
+    let png = png.to_str().unwrap();
+    let ditto = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--steps",
+            "3",
+            "--num-samples",
+            "1",
+            "--out",
+            png,
+        ];
+        a.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_ditto"))
+            .args(&a)
+            .output()
+            .expect("run ditto")
+    };
+    let out = ditto(&[
+        "--pipefusion-degree",
+        "2",
+        "--ulysses-degree",
+        "2",
+        "--use-cfg-parallel",
+        "--cache",
+        "fbcache:0.05",
+        "--report",
+        "--compare-serial",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "each stage on cfg 2 x ring 1 x ulysses 2 = 4 rank(s)",
+        "patch steps computed",
+        "vs serial: image PSNR",
+        "analytic",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    // Rank rows 0..7, two stages of four.
+    assert!(text.lines().any(|l| l.starts_with("7 ")), "{text}");
+    for (flags, want) in [
+        (
+            &["--pipefusion-degree", "2", "--distrifusion-degree", "2"][..],
+            "not supported",
+        ),
+        (
+            &[
+                "--pipefusion-degree",
+                "2",
+                "--parallel",
+                "auto",
+                "--world-size",
+                "4",
+            ][..],
+            "not supported",
+        ),
+        (
+            &["--pipefusion-degree", "2", "--num-pipeline-patch", "3"][..],
+            "do not divide by 3",
+        ),
+        (
+            &[
+                "--pipefusion-degree",
+                "2",
+                "--num-pipeline-patch",
+                "8",
+                "--ring-degree",
+                "16",
+            ][..],
+            "equal pieces",
+        ),
+    ] {
+        let out = ditto(flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
     }
 }

@@ -13,7 +13,7 @@ use ditto::codegen::{Program, SeqMethod, Step};
 use ditto::ir::mesh::{Mesh, MeshAxis};
 use ditto::parallel::RankOptions;
 use ditto::passes::MethodChoice;
-use ditto::quality::distance;
+use ditto::quality::per_sample;
 use ditto::runtime::comm::CommStats;
 use ditto::runtime::cpu::executor::CpuExecutor;
 use ditto::runtime::parallel::stale::{edge_rows, StaleMode, StaleState};
@@ -385,37 +385,39 @@ fn one_part_and_m_part_programs_share_a_state() {
 }
 
 /// Quality of stale activations on the built-in model (DDIM 20 steps, guidance 3, classes
-/// 0..4, seeds 0..3): image PSNR against the serial run. Measured (dB, 1 / 0 warmup
-/// steps): DistriFusion N=2 26.18 / 26.08, N=4 24.80 / 24.75, PCPP N=4 F=0.3 13.05 / 13.04,
-/// DistriFusion N=2 x CFG 26.18 / 26.08. The floors sit a little below; DistriFusion N=2
-/// keeps the 25 dB. PCPP drops every non-neighbouring patch, which this small
-/// 32x32 model (global shapes on 4 patches of 4 token rows) cannot afford.
+/// 0..4 x seeds 0..4): per-image PSNR against the serial run of the same seed, mean over the
+/// 16 images. Measured with 1 warmup step (`tests/stale_quality.rs` prints the whole
+/// table): DistriFusion N=2 27.51 dB (worst image 23.10), N=4 25.80 (21.88), PCPP N=4
+/// F=0.3 12.76 (10.96); the CFG pair and Ulysses inside a patch give DistriFusion N=2's
+/// numbers exactly. The floors sit a little below. PCPP drops every non-neighbouring patch,
+/// which this small 32x32 model (global shapes on 4 patches of 2 token rows) cannot afford.
 #[test]
 fn one_warmup_step_keeps_the_quality() {
-    let req = request(&[0, 1, 2]);
+    let req = request(&[0, 1, 2, 3]);
     let serial = generate(&req, Parallel::default());
+    let samples = serial.image.shape[0];
     let cases = [
-        ("DistriFusion N=2", 2, false, None, 25.0),
-        ("DistriFusion N=4", 4, false, None, 24.0),
-        ("PCPP N=4 F=0.3", 4, false, Some(0.3f32), 12.0),
-        ("DistriFusion N=2 x CFG", 2, true, None, 25.0),
+        ("DistriFusion N=2", stale(2, false, None, 1), 27.0),
+        ("DistriFusion N=4", stale(4, false, None, 1), 25.5),
+        ("PCPP N=4 F=0.3", stale(4, false, Some(0.3f32), 1), 12.5),
+        ("DistriFusion N=2 x CFG", stale(2, true, None, 1), 27.0),
+        // No warmup: the first step attends to what exists (its own patch).
+        (
+            "DistriFusion N=4, no warmup",
+            stale(4, false, None, 0),
+            25.5,
+        ),
     ];
-    let mut table = String::from("| layout | warmup | PSNR dB | max rel err | rel L2 |\n");
-    for (what, n, cfg, pcpp, floor) in cases {
-        for warmup in [1, 0] {
-            let g = generate(&req, stale(n, cfg, pcpp, warmup));
-            let d = distance(&serial.image.data, &g.image.data);
-            table += &format!(
-                "| {what} | {warmup} | {:.2} | {:.3} | {:.3} |\n",
-                d.psnr_db, d.max_rel_err, d.rel_l2
-            );
-            if warmup == 1 {
-                assert!(d.psnr_db >= floor, "{what}: {:.2} dB < {floor}", d.psnr_db);
-            }
-            assert!(d.psnr_db.is_finite() && d.psnr_db > 5.0, "{what}: {d:?}");
-        }
+    for (what, parallel, floor) in cases {
+        let g = generate(&req, parallel);
+        let s = per_sample(&serial.image.data, &g.image.data, samples);
+        eprintln!(
+            "{what}: mean {:.2} dB, worst {:.2} dB",
+            s.mean_db, s.worst_db
+        );
+        assert!(s.mean_db >= floor, "{what}: {:.2} dB < {floor}", s.mean_db);
+        assert!(s.mean_db < 90.0, "{what}: identical to serial");
     }
-    eprintln!("{table}");
 }
 
 fn ditto_cli(args: &[&str]) -> std::process::Output {
@@ -471,6 +473,16 @@ fn cli_distrifusion_threads_and_processes_agree() {
     ];
     launched.extend(args("launched", 1));
     run(launched);
+    // Ulysses inside each patch, one process per rank: exact inside, so the same result.
+    let mut ulysses = vec![
+        "launch".to_string(),
+        "--nproc-per-node".into(),
+        "4".into(),
+        "--".into(),
+    ];
+    ulysses.extend(args("ulysses", 1));
+    ulysses.extend(["--ulysses-degree".to_string(), "2".into()]);
+    run(ulysses);
     run(args("exact", 4));
     let mut serial = args("serial", 1);
     serial.drain(5..9);
@@ -483,6 +495,8 @@ fn cli_distrifusion_threads_and_processes_agree() {
     };
     let d = max_abs(&read("threads"), &read("launched"));
     assert!(d <= 1e-6, "threads vs processes: {d}");
+    let d = max_abs(&read("threads"), &read("ulysses"));
+    assert!(d <= 1e-5, "x ulysses 2 in 4 processes: {d}");
     // All warmup: the serial result; one warmup step of four: stale steps changed it.
     let d = max_abs(&read("exact"), &read("serial"));
     assert!(d <= 1e-5, "all warmup vs serial: {d}");
@@ -494,7 +508,14 @@ fn cli_distrifusion_threads_and_processes_agree() {
             "--pcpp-portion needs --distrifusion-degree",
         ),
         (
-            &["--distrifusion-degree", "2", "--ulysses-degree", "2"][..],
+            &[
+                "--distrifusion-degree",
+                "2",
+                "--ulysses-degree",
+                "2",
+                "--pcpp-portion",
+                "0.3",
+            ][..],
             "not supported",
         ),
         (
