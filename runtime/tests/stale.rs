@@ -514,17 +514,21 @@ fn exact_mode_matches_serial_attention() {
     }
 }
 
+/// Stale mode: each rank attends with its ring member's fresh K/V and the others' of the
+/// previous step, and after the step ONE all-gather over the ring carries every layer's
+/// fresh K/V. With Ulysses inside (ring 2 x Ulysses 2, and a CFG pair), staleness is per
+/// ring member: the Ulysses members of one ring member see each other's fresh K/V (their
+/// all-to-all is exact), and each rank stores its share of the heads.
 #[test]
 fn stale_mode_attends_to_the_previous_steps_keys_and_exchanges_them() {
-    for (sp, seq, layers) in [(2, vec![16], 1), (4, vec![14], 3), (4, vec![12, 5], 2)] {
-        let mut c = Case::new(
-            Mesh {
-                cfg: 1,
-                ring: sp,
-                ulysses: 1,
-            },
-            &seq,
-        );
+    for (cfg, ring, ulysses, seq, layers) in [
+        (1, 2, 1, vec![16], 1),
+        (1, 4, 1, vec![14], 3),
+        (1, 4, 1, vec![12, 5], 2),
+        (1, 2, 2, vec![16], 1),
+        (2, 2, 2, vec![12, 5], 2),
+    ] {
+        let mut c = Case::new(Mesh { cfg, ring, ulysses }, &seq);
         c.layers = layers;
         let (a, b) = (inputs(&c, 1), inputs(&c, 2));
         // Warmup with A, then two stale steps with B.
@@ -538,14 +542,18 @@ fn stale_mode_attends_to_the_previous_steps_keys_and_exchanges_them() {
             ],
         );
         if layers == 1 {
-            // Step 2: own slot fresh (B), the others from A.
+            // Step 2: this ring member's rows fresh (B), the others from A.
             check_ranks(
                 &c,
                 &runs[1],
                 &b[0],
                 &|_| all_rows(&c),
                 &|m, r| {
-                    let x = if owner(&c, r) == m { &b } else { &a };
+                    let x = if owner(&c, r) / ulysses == m / ulysses {
+                        &b
+                    } else {
+                        &a
+                    };
                     (x[1].clone(), x[2].clone())
                 },
                 "stale step",
@@ -560,87 +568,25 @@ fn stale_mode_attends_to_the_previous_steps_keys_and_exchanges_them() {
                 "after the exchange",
             );
         }
-        // Traffic of a stale step: ONE all-gather of every layer's local K and V (plus the
-        // output's gather), the same bytes as a warmup step's 2 per layer.
-        let local: usize = c.batch * c.segs().iter().map(|s| s.local).sum::<usize>() * c.width();
-        for (rank, (w, st)) in runs[0].iter().zip(&runs[1]).enumerate() {
-            let (warm, stale) = (&w.comm, &st.comm);
-            let kv = CommStats::all_gather_bytes(2 * layers * local, sp);
-            let out = CommStats::all_gather_bytes(local, sp);
-            assert_eq!(stale.all_gather().bytes, kv + out, "rank {rank}");
-            assert_eq!(stale.all_gather().calls, 2);
-            assert_eq!(warm.all_gather().bytes, stale.all_gather().bytes);
-            assert_eq!(warm.all_gather().calls, 2 * layers as u64 + 1);
-            assert_eq!(stale.send_recv().bytes, 0);
-        }
-    }
-}
-
-#[test]
-fn stale_mode_with_ulysses_inside_keeps_each_ring_members_rows_fresh() {
-    // Ring 2 x Ulysses 2 (and a CFG pair): staleness is per ring member; the Ulysses
-    // members of one ring member see each other's fresh K/V (their all-to-all is exact).
-    for (cfg, seq, layers) in [(1, vec![16], 1), (2, vec![12, 5], 2)] {
-        let mut c = Case::new(
-            Mesh {
-                cfg,
-                ring: 2,
-                ulysses: 2,
-            },
-            &seq,
-        );
-        c.layers = layers;
-        let (a, b) = (inputs(&c, 3), inputs(&c, 4));
-        let runs = run_steps(
-            &c,
-            None,
-            &[
-                (StaleMode::Exact, a.clone()),
-                (StaleMode::Stale, b.clone()),
-                (StaleMode::Stale, b.clone()),
-            ],
-        );
-        let u = c.mesh.ulysses;
-        if layers == 1 {
-            check_ranks(
-                &c,
-                &runs[1],
-                &b[0],
-                &|_| all_rows(&c),
-                &|m, r| {
-                    let x = if owner(&c, r) / u == m / u { &b } else { &a };
-                    (x[1].clone(), x[2].clone())
-                },
-                "stale step",
-            );
-            check_ranks(
-                &c,
-                &runs[2],
-                &b[0],
-                &|_| all_rows(&c),
-                &|_, _| (b[1].clone(), b[2].clone()),
-                "after the exchange",
-            );
-        }
-        // A stale step: the all-to-alls of an exact one, but ONE all-gather over the ring
-        // of every layer's K and V (this rank's heads of its Ulysses group's rows).
-        let (warm_gather, _, a2a, _) = exact_traffic(&c);
+        // Traffic of a stale step: Ulysses' all-to-alls as in an exact step, and ONE
+        // all-gather over the ring of every layer's K and V (plus the output's gathers):
+        // the same bytes as a warmup step's 2 per layer.
+        let (warm_gather, warm_calls, a2a, _) = exact_traffic(&c);
         let bl = c.batch / cfg;
         let sl: usize = c.segs().iter().map(|s| s.local).sum();
-        let sw = c.heads.div_ceil(u) * c.head_dim;
+        let sw = c.heads.div_ceil(ulysses) * c.head_dim;
+        let per_layer = 2 * CommStats::all_gather_bytes(bl * ulysses * sl * sw, ring);
+        let outputs = warm_gather - layers as u64 * per_layer;
+        let output_calls = warm_calls - 2 * layers as u64;
         for (rank, (w, st)) in runs[0].iter().zip(&runs[1]).enumerate() {
-            assert_eq!(w.comm.all_gather().bytes, warm_gather);
-            assert_eq!(st.comm.all_to_all().bytes, a2a, "rank {rank}");
-            let kv = CommStats::all_gather_bytes(2 * layers * u * bl * sl * sw, c.mesh.ring);
-            assert_eq!(st.comm.all_gather().bytes, warm_gather, "rank {rank}");
-            let outputs = warm_gather
-                - layers as u64 * 2 * CommStats::all_gather_bytes(bl * u * sl * sw, c.mesh.ring);
-            assert_eq!(st.comm.all_gather().bytes, kv + outputs, "rank {rank}");
-            assert_eq!(
-                st.comm.all_gather().calls,
-                1 + 1 + u64::from(cfg > 1),
-                "rank {rank}"
-            );
+            let (warm, stale) = (&w.comm, &st.comm);
+            let kv = CommStats::all_gather_bytes(2 * layers * ulysses * bl * sl * sw, ring);
+            assert_eq!(stale.all_gather().bytes, kv + outputs, "rank {rank}");
+            assert_eq!(warm.all_gather().bytes, stale.all_gather().bytes);
+            assert_eq!(stale.all_gather().calls, 1 + output_calls, "rank {rank}");
+            assert_eq!(warm.all_gather().calls, 2 * layers as u64 + output_calls);
+            assert_eq!(stale.all_to_all().bytes, a2a, "rank {rank}");
+            assert_eq!(stale.send_recv().bytes, 0);
         }
     }
 }
