@@ -503,7 +503,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         .collect();
     let shapes = model.family().shapes_from_inputs(&shapes)?;
     let parallel = a.parallel.resolve(&model, &shapes, env.as_ref())?;
-    let member = join_run(env, &parallel, timeout)?;
+    let member = join_run(env, &parallel, 1, timeout)?;
     let opts = CompileOptions {
         block_outputs: a.block_outputs,
         parallel,
@@ -592,25 +592,32 @@ const OWN_TRAFFIC_NOTE: &str =
 fn join_run(
     env: Option<DistEnv>,
     parallel: &ditto::Parallel,
+    stages: usize,
     timeout: Duration,
 ) -> Result<Option<Membership>> {
     let Some(env) = env else {
         return Ok(None);
     };
     let m = parallel.mesh;
-    let world = m.world_size();
+    let world = stages * m.world_size();
     if env.world_size != world {
         let (rank_var, size_var) = env.launcher.variables();
         bail!(
             "this process is {rank_var}={} of {size_var}={} but the parallel layout has {world} rank(s) \
-             (cfg {} x ring {} x ulysses {}): start {world} process(es), or choose a layout of {} \
-             rank(s) with --ulysses-degree, --ring-degree and --use-cfg-parallel",
+             ({}cfg {} x ring {} x ulysses {}): start {world} process(es), or choose a layout of {} \
+             rank(s) with --ulysses-degree, --ring-degree, --use-cfg-parallel{}",
             env.rank,
             env.world_size,
+            if stages > 1 {
+                format!("{stages} PipeFusion stages x ")
+            } else {
+                String::new()
+            },
             m.cfg,
             m.ring,
             m.ulysses,
-            env.world_size
+            env.world_size,
+            if stages > 1 { " and --pipefusion-degree" } else { "" }
         );
     }
     if world == 1 {
@@ -1106,7 +1113,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
     // The request is checked before meeting the other ranks: a bad flag fails every rank
     // alike, at once, instead of leaving the others waiting at the rendezvous.
-    let member = join_run(env, &parallel, timeout)?;
+    let stages = a.pipefusion.pipefusion_degree.unwrap_or(1);
+    let member = join_run(env, &parallel, stages, timeout)?;
     pipe = pipe.with_rank_options(RankOptions {
         timeout,
         comm: member.as_ref().map(|m| m.comm.clone()),
@@ -1245,6 +1253,9 @@ fn generate_run(
         }
         if let Some(rep) = pipe.pipefusion_report() {
             print!("{}", ditto::report::pipefusion(rep));
+            if multi_process {
+                println!("(multi-process run: measured columns for rank 0 only; the analytic ones for every rank)");
+            }
         } else if let Some((program, stats)) = pipe.transformer_ranks() {
             print!(
                 "{}",

@@ -268,24 +268,32 @@ pub fn pipefusion(rep: &crate::pipeline::PipeFusionReport) -> String {
         "analytic per step",
         "analytic (warmup)"
     );
-    for (r, st) in rep.comm.iter().enumerate() {
+    // Every rank's analytic volume; what this process measured for its own rank(s) (every
+    // rank in a one-process run, its own with one process per rank).
+    for r in 0..rep.analytic_step_bytes.len() {
+        let own = rep.ranks.iter().position(|&x| x == r);
+        let measured = |f: &dyn Fn(usize) -> String| own.map_or("-".to_string(), f);
         let _ = writeln!(
             out,
             "{:<6} {:>6} {:>14} {:>14} {:>18} {:>18} {:>18}",
             r,
             r / group,
-            mib(rep.weight_bytes.get(r).copied().unwrap_or(0) as f64),
-            mib(rep.kv_bytes.get(r).copied().unwrap_or(0) as f64),
-            mib(st.total_bytes() as f64 / steps),
-            mib(rep.analytic_step_bytes.get(r).copied().unwrap_or(0) as f64),
+            measured(&|i| mib(rep.weight_bytes[i] as f64)),
+            measured(&|i| mib(rep.kv_bytes[i] as f64)),
+            measured(&|i| mib(rep.comm[i].total_bytes() as f64 / steps)),
+            mib(rep.analytic_step_bytes[r] as f64),
             mib(rep.analytic_warmup_bytes.get(r).copied().unwrap_or(0) as f64),
         );
     }
     let measured: u64 = rep.comm.iter().map(|c| c.total_bytes()).sum();
-    let analytic: u64 = rep.analytic_total_bytes.iter().sum();
+    let analytic: u64 = rep
+        .ranks
+        .iter()
+        .filter_map(|&r| rep.analytic_total_bytes.get(r))
+        .sum();
     let _ = writeln!(
         out,
-        "(analytic: each rank sends the next stage's counterpart its rows of the carried streams once per step, patch by patch, and the last stage sends the latents back after every step but the last; inside a stage, Ulysses' all-to-alls and the ring's K/V gathers of each patch, and the gathers of the outputs. Whole generation: measured {}, analytic {} without skipped patches)",
+        "(analytic: each rank sends the next stage's counterpart its rows of the carried streams once per step, patch by patch, and the last stage sends the latents back after every step but the last; inside a stage, Ulysses' all-to-alls and the ring's K/V gathers of each patch, and the gathers of the outputs; with a step cache, stage 0 also sends its decisions and its rows of the front's streams. Whole generation: measured {}, analytic {} if no patch is skipped)",
         mib(measured as f64),
         mib(analytic as f64)
     );

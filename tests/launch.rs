@@ -378,6 +378,77 @@ fn launch_generate_matches_in_process_and_serial() {
     assert_no_processes_left(&dir, Duration::from_secs(2));
 }
 
+/// PipeFusion with one process per rank: stages (and the layout inside them) as separate
+/// processes give the in-process result, and every process ends with the final latents
+/// (rank 0, on the first stage, writes them).
+#[test]
+fn launch_pipefusion_matches_in_process() {
+    let dir = scratch("pipefusion");
+    let args = |name: &str, inside: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "generate",
+            "--steps",
+            "4",
+            "--num-samples",
+            "1",
+            "--pipefusion-degree",
+            "2",
+            "--num-pipeline-patch",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--report",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(inside.iter().map(|x| x.to_string()));
+        a.extend([
+            "--out".to_string(),
+            s(&dir.join(format!("{name}.png"))),
+            "--save-latents".to_string(),
+            s(&dir.join(format!("{name}.safetensors"))),
+        ]);
+        a
+    };
+    for (name, procs, inside) in [
+        ("pf2", "2", &[][..]),
+        ("pf2u2", "4", &["--ulysses-degree", "2"][..]),
+    ] {
+        let threads = format!("{name}-threads");
+        assert_ok(&run(Command::new(ditto_bin()).args(args(&threads, inside))));
+        let out = run(Command::new(ditto_bin())
+            .args(["launch", "--nproc-per-node", procs, "--"])
+            .args(args(name, inside)));
+        assert_ok(&out);
+        let got = tensors(&dir.join(format!("{name}.safetensors")));
+        let want = tensors(&dir.join(format!("{threads}.safetensors")));
+        for key in ["latents", "image"] {
+            assert_close(&format!("{name} {key}"), &got[key], &want[key]);
+        }
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.contains("[rank 0] PipeFusion: 2 stage(s)"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("measured columns for rank 0 only"),
+            "{stdout}"
+        );
+    }
+    // A world that does not fit the stages is named.
+    let out = run(Command::new(ditto_bin())
+        .args(["launch", "--nproc-per-node", "3", "--"])
+        .args(args("bad", &[])));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("2 PipeFusion stages"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_processes_left(&dir, Duration::from_secs(2));
+}
+
 #[test]
 fn two_nodes_on_loopback_match_serial() {
     let dir = scratch("two-nodes");

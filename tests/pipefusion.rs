@@ -331,12 +331,26 @@ fn cached(
     inside: Parallel,
     policy: ditto::CachePolicy,
 ) -> (Generation, ditto::CacheReport) {
+    let (g, c, _) = cached_with_report(req, pf, inside, policy);
+    (g, c)
+}
+
+fn cached_with_report(
+    req: &GenerateRequest,
+    pf: Option<PipeFusion>,
+    inside: Parallel,
+    policy: ditto::CachePolicy,
+) -> (Generation, ditto::CacheReport, PipeFusionReport) {
     let mut pipe = Pipeline::builtin()
         .unwrap()
         .with_parallel(inside)
         .with_pipefusion(pf);
     let g = pipe.generate(&req.clone().with_cache(policy)).unwrap();
-    (g, pipe.cache_report().cloned().unwrap())
+    (
+        g,
+        pipe.cache_report().cloned().unwrap(),
+        pipe.pipefusion_report().cloned().unwrap(),
+    )
 }
 
 const POLICIES: [ditto::CachePolicy; 2] = [
@@ -352,9 +366,18 @@ fn caching_with_threshold_zero_changes_nothing() {
         ditto::CachePolicy::TeaCache { threshold: 0.0 },
         ditto::CachePolicy::FirstBlock { threshold: 0.0 },
     ] {
-        let (g, rep) = cached(&req, layout(2, 2, 1), Parallel::default(), policy.clone());
+        let (g, rep, pf) = cached_with_report(&req, layout(2, 2, 1), mesh(1, 1, 2), policy.clone());
         assert_eq!(rep.patches, vec![vec![true; 2]; 5], "{policy}");
         assert_eq!(g.latents, plain.latents, "{policy}");
+        // Nothing skipped: the traffic is the analytic volume, with the cache's decisions
+        // and base included.
+        for (rank, st) in pf.comm.iter().enumerate() {
+            assert_eq!(
+                st.total_bytes(),
+                pf.analytic_total_bytes[rank],
+                "{policy} rank {rank}"
+            );
+        }
     }
 }
 

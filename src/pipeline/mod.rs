@@ -667,6 +667,7 @@ impl Pipeline {
                     policy: policy.clone(),
                     rescale,
                 }),
+                one_process_per_rank: self.rank_options.comm.is_some(),
             };
             let stages = self.pipefusion_stages.as_ref().expect("compiled above");
             let (latents, step_seconds, report, cache_report) =

@@ -44,7 +44,7 @@ use ditto_ir::mesh::{Mesh, MeshAxis};
 use ditto_ir::Op;
 use ditto_models::Shapes;
 use ditto_passes::MethodChoice;
-use ditto_runtime::comm::{run_ranks, CommStats};
+use ditto_runtime::comm::{run_ranks, CommStats, Communicator};
 use ditto_runtime::cpu::executor::Weights;
 use ditto_runtime::scheduler::Scheduler;
 
@@ -75,16 +75,19 @@ pub struct PipeFusion {
 #[derive(Clone, Debug, Default)]
 pub struct PipeFusionReport {
     pub stage_blocks: Vec<Range<usize>>,
+    /// The ranks the per-rank entries below (`weight_bytes`, `kv_bytes`, `comm`) are of:
+    /// every rank, or this process's own with one process per rank.
+    pub ranks: Vec<usize>,
     /// The layout inside each stage.
     pub stage_mesh: Mesh,
     pub patches: usize,
-    /// Bytes of the weights each rank loaded.
+    /// Bytes of the weights each of `ranks` loaded.
     pub weight_bytes: Vec<u64>,
     /// Bytes of each rank's K/V buffers at the end of the generation.
     pub kv_bytes: Vec<u64>,
     /// What each rank sent over the whole generation.
     pub comm: Vec<CommStats>,
-    /// What each rank sends in one patch-wise (non-warmup) step, from the shapes alone:
+    /// What every rank (by rank) sends in one patch-wise (non-warmup) step, from the shapes:
     /// to the next stage, and inside its stage (attention and gathers).
     pub analytic_step_bytes: Vec<u64>,
     /// The same for a warmup step (the whole image at once).
@@ -540,6 +543,9 @@ pub(crate) struct Run<'a> {
     /// One prepared scheduler per rank of the last stage (each steps its own copy alike).
     pub schedulers: Mutex<Vec<Box<dyn Scheduler>>>,
     pub cache: Option<StageCache>,
+    /// Each rank is its own process (`ditto launch`, torchrun, ...): every one must end
+    /// with the final latents.
+    pub one_process_per_rank: bool,
 }
 
 /// Messages from the last stage to the caller's thread (progress).
@@ -559,21 +565,41 @@ pub(crate) fn denoise(
     on_progress: &mut dyn FnMut(Progress),
 ) -> Result<(HostTensor, Vec<f64>, PipeFusionReport, Option<CacheReport>), PipelineError> {
     check_latent_rows(stages.layout.patches, run.family, &run.latents.shape)?;
-    if opts.comm.is_some() {
-        return Err(PipelineError::Request(
-            "PipeFusion runs its stages as ranks of this process; multi-process launch is not supported for it yet".into(),
-        ));
-    }
     let p = stages.stages.len();
     let group = stages.mesh.world_size();
+    let world = p * group;
+    if let Some(c) = &opts.comm {
+        if c.world_size() != world {
+            return Err(PipelineError::Request(format!(
+                "PipeFusion over {p} stage(s) of {group} rank(s) needs {world} process(es), \
+                 this one is rank {} of {}",
+                c.rank(),
+                c.world_size()
+            )));
+        }
+    }
     let (tx, rx) = mpsc::channel::<StepDone>();
     let mut step_seconds = Vec::new();
     let results = std::thread::scope(|scope| {
-        let worker = scope.spawn(move || {
-            run_ranks(p * group, opts.timeout, |mut comm| {
+        let worker = scope.spawn(move || match &opts.comm {
+            // One process per rank: this process's rank only, over the given communicator;
+            // it reports the steps as it finishes them.
+            Some(comm) => {
+                let mut comm = comm.clone();
+                let own = rank::run_rank(stages, run, &mut comm, &tx, true);
+                if let Err(e) = &own {
+                    comm.fail(&e.to_string());
+                }
+                own.map(|r| vec![r])
+                    .map_err(|e| crate::Error::Rank(e.to_string()))
+            }
+            // Every rank a thread; the last stage's first rank reports the steps.
+            None => run_ranks(world, opts.timeout, |mut comm| {
                 let tx = tx.clone();
-                rank::run_rank(stages, run, &mut comm, &tx)
+                let reporter = comm.rank() == (p - 1) * group;
+                rank::run_rank(stages, run, &mut comm, &tx, reporter)
             })
+            .map_err(|e| crate::Error::Rank(e.to_string())),
         });
         for done in rx {
             step_seconds.push(done.seconds);
@@ -588,7 +614,7 @@ pub(crate) fn denoise(
         worker.join()
     })
     .map_err(|_| PipelineError::Internal("the PipeFusion ranks panicked".into()))?
-    .map_err(|e| PipelineError::model("PipeFusion", crate::Error::Rank(e.to_string())))?;
+    .map_err(|e| PipelineError::model("PipeFusion", e))?;
     let n = run.timesteps.len();
     let warmup = stages.layout.warmup_steps.min(n);
     let mut report = PipeFusionReport {
@@ -601,8 +627,9 @@ pub(crate) fn denoise(
     };
     let mut latents = None;
     let mut cache_report = None;
-    for (r, res) in results.into_iter().enumerate() {
-        let s = r / group;
+    for res in results {
+        let s = res.rank / group;
+        report.ranks.push(res.rank);
         report.weight_bytes.push(stages.stages[s].weight_bytes);
         report.kv_bytes.push(res.kv_bytes);
         report.comm.push(res.comm);
@@ -613,14 +640,25 @@ pub(crate) fn denoise(
             cache_report = res.cache;
         }
     }
-    analytic(stages, run, &mut report);
+    analytic(stages, run, &mut report, opts.comm.is_some());
     let latents =
         latents.ok_or_else(|| PipelineError::Internal("no stage returned the latents".into()))?;
     Ok((latents, step_seconds, report, cache_report))
 }
 
-/// The analytic traffic of every rank (see [`PipeFusionReport`]).
-fn analytic(stages: &Stages, run: &Run, report: &mut PipeFusionReport) {
+/// Bytes of a program's carried output streams (whole).
+fn carry_bytes(p: &Program) -> u64 {
+    p.outputs
+        .iter()
+        .filter(|(name, _)| name.starts_with("carry."))
+        .map(|(_, v)| 4 * p.values[*v].numel() as u64)
+        .sum()
+}
+
+/// The analytic traffic of every rank (see [`PipeFusionReport`]). With one process per
+/// rank, the last stage also sends the final latents to every rank of the other stages,
+/// so that every process decodes the same image.
+fn analytic(stages: &Stages, run: &Run, report: &mut PipeFusionReport, multi_process: bool) {
     let p = stages.stages.len();
     let mesh = stages.mesh;
     let group = mesh.world_size();
@@ -644,25 +682,34 @@ fn analytic(stages: &Stages, run: &Run, report: &mut PipeFusionReport) {
         // To the next stage: this rank's rows of the stage's carried streams (its CFG half,
         // its piece of each patch); from the last stage, the latents back to stage 0.
         let send = if s + 1 < p {
-            let last = st.pieces.last().map(|pc| &pc.warm);
-            last.map_or(0, |w| {
-                w.outputs
-                    .iter()
-                    .filter(|(name, _)| name.starts_with("carry."))
-                    .map(|(_, v)| 4 * w.values[*v].numel() as u64 / group as u64)
-                    .sum()
-            })
+            st.pieces
+                .last()
+                .map_or(0, |pc| carry_bytes(&pc.warm) / group as u64)
         } else if p > 1 {
             latents
         } else {
             0
         };
+        // A step cache: stage 0 sends its decision on every unit to every other stage, and
+        // its rows of the front's streams (the base the skipped blocks' residual is added
+        // to) to the last stage.
+        let (base, decisions) = match st.pieces.first() {
+            Some(front) if front.role == Role::Front && p > 1 => {
+                (carry_bytes(&front.warm) / group as u64, 4 * (p as u64 - 1))
+            }
+            _ => (0, 0),
+        };
+        let warm_send = send + base + decisions;
+        let patch_send = send + base + m * decisions;
         for _ in 0..group {
-            report.analytic_warmup_bytes.push(warm + send);
-            report.analytic_step_bytes.push(m * patch + send);
-            let mut total = warmup * (warm + send) + (n - warmup) * (m * patch + send);
+            report.analytic_warmup_bytes.push(warm + warm_send);
+            report.analytic_step_bytes.push(m * patch + patch_send);
+            let mut total = warmup * (warm + warm_send) + (n - warmup) * (m * patch + patch_send);
             if s + 1 == p && p > 1 {
                 total -= latents;
+                if multi_process {
+                    total += (p as u64 - 1) * latents;
+                }
             }
             report.analytic_total_bytes.push(total);
         }

@@ -163,6 +163,7 @@ fn zero_streams(program: &Program, inputs: bool) -> BTreeMap<String, HostTensor>
 
 /// What one rank ends with.
 pub(super) struct RankResult {
+    pub rank: usize,
     /// The final latents (rank 0 of the last stage).
     pub latents: Option<HostTensor>,
     pub kv_bytes: u64,
@@ -204,12 +205,14 @@ fn recv_rows(
     Ok(())
 }
 
-/// One rank's whole generation.
+/// One rank's whole generation; `reporter` sends each step to `progress` as this rank
+/// finishes it.
 pub(super) fn run_rank(
     stages: &Stages,
     run: &Run,
     comm: &mut dyn Communicator,
     progress: &mpsc::Sender<StepDone>,
+    reporter: bool,
 ) -> Result<RankResult, PipelineError> {
     let group = stages.mesh.world_size();
     let (s, g) = (comm.rank() / group, comm.rank() % group);
@@ -435,12 +438,33 @@ pub(super) fn run_rank(
                     .map_err(comm_err)?;
             }
         }
-        if s == last && g == 0 {
+        if reporter {
             let _ = progress.send(StepDone {
                 step,
                 seconds: started.elapsed().as_secs_f64(),
                 latents: latents.clone(),
             });
+        }
+    }
+    // One process per rank: every process decodes the final latents itself.
+    let multi_process = run.one_process_per_rank;
+    if multi_process && p > 1 {
+        if s == last {
+            for other in 0..last {
+                comm.send(
+                    peer(other),
+                    tag(n, Unit::whole(), KIND_LATENTS),
+                    &latents.data,
+                )
+                .map_err(comm_err)?;
+            }
+        } else {
+            comm.recv(
+                peer(last),
+                tag(n, Unit::whole(), KIND_LATENTS),
+                &mut latents.data,
+            )
+            .map_err(comm_err)?;
         }
     }
     let cache = match (&decider, g == 0, &run.cache) {
@@ -451,8 +475,10 @@ pub(super) fn run_rank(
         )),
         _ => None,
     };
+    let keeps_latents = (s == last && g == 0) || (multi_process && reporter);
     Ok(RankResult {
-        latents: (s == last && g == 0).then_some(latents),
+        rank: comm.rank(),
+        latents: keeps_latents.then_some(latents),
         kv_bytes: pieces.iter().map(|pc| pc.state.kv_bytes() as u64).sum(),
         comm: comm.stats().clone(),
         cache,
