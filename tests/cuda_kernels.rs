@@ -1,7 +1,9 @@
 //! The CUDA kernels of every fixture model: generated for f32 and bf16 storage, compiled to
 //! PTX for sm_90 with NVRTC and assembled with ptxas (no register spills allowed), and run
-//! on the CPU through a host emulation of CUDA, with GEMMs/attention/convolutions from the
-//! CPU backend, against the CPU backend's own run of the same Program.
+//! on the CPU through a host emulation of CUDA (tensor-core `mma.sync` included), with GEMMs
+//! and convolutions from the CPU backend, against the CPU backend's own run of the same
+//! Program. The flash-attention kernel is also checked on its own, for every head dim and
+//! storage type, against a float64 reference.
 //!
 //! No GPU is needed. Without NVRTC the compile test says why it skipped, except under CI
 //! (`CI` set), where it fails: CI installs NVRTC (see `.ci/run`), and a broken install must
@@ -17,7 +19,7 @@ use ditto::codegen::{
     Binding, KInstr, Kernel, Mesh, MeshAxis, Program, Segment, Step, Storage, Value,
 };
 use ditto::runtime::cpu::executor::CpuExecutor;
-use ditto::runtime::cpu::kernels::{attention, conv, gemm};
+use ditto::runtime::cpu::kernels::{conv, gemm};
 use ditto::{CompileOptions, HostTensor, Model, Parallel};
 
 const ARCH: &str = "sm_90";
@@ -156,9 +158,11 @@ fn fixture_kernels_compile_to_ptx() {
 
 /// CUDA's device-side vocabulary for a host C++ compiler. Blocks run one after another; a
 /// block's threads are fibers (ucontext) when the kernel synchronizes (`__syncthreads`,
-/// shuffles): every sync point is a round in which each fiber runs until its next sync, so
-/// shared memory (a `static`) and shuffle slots see CUDA's ordering. Kernels that never
-/// synchronize run their threads as plain calls.
+/// shuffles, `mma.sync`): in each round every fiber runs until its next sync point, so the
+/// lanes of a warp exchange values in step, and `__syncthreads` holds a fiber until every
+/// live fiber of the block has reached it (warps may take different paths in between), so
+/// shared memory (a `static`) sees CUDA's ordering. Kernels that never synchronize run
+/// their threads as plain calls.
 const SHIM: &str = r#"
 #pragma once
 #include <math.h>
@@ -172,6 +176,7 @@ const SHIM: &str = r#"
 
 #define __global__
 #define __device__
+#define __align__(n) __attribute__((aligned(n)))
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
@@ -214,7 +219,7 @@ inline float2 __half22float2(__half2 h) { return float2{(float)h.x.v, (float)h.y
 inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half_rn(a), __float2half_rn(b)}; }
 
 namespace emu {
-struct Fiber { ucontext_t ctx; std::vector<char> stack; uint3 tid; bool done; };
+struct Fiber { ucontext_t ctx; std::vector<char> stack; uint3 tid; bool done; bool at_barrier; };
 inline ucontext_t sched;
 inline Fiber* cur = nullptr;
 inline bool coop = false;
@@ -223,6 +228,13 @@ inline void (*entry)(void**) = nullptr;
 inline void** entry_args = nullptr;
 inline void yield() {
   if (!coop) { fprintf(stderr, "sync in a kernel run without fibers\n"); abort(); }
+  swapcontext(&cur->ctx, &sched);
+}
+// `__syncthreads`: this fiber waits until every live fiber of the block is at the barrier
+// (a warp-level exchange, a shuffle or an mma, is a plain yield: its lanes run in step).
+inline void barrier() {
+  if (!coop) { fprintf(stderr, "sync in a kernel run without fibers\n"); abort(); }
+  cur->at_barrier = true;
   swapcontext(&cur->ctx, &sched);
 }
 inline void trampoline() { entry(entry_args); cur->done = true; }
@@ -242,7 +254,7 @@ inline void launch(void (*fn)(void**), void** args, dim3 grid, dim3 block, bool 
     for (unsigned tx = 0; tx < block.x; ++tx) {
       if (!cooperative) { threadIdx = uint3{tx, ty, tz}; fn(args); continue; }
       Fiber& f = fibers[i++];
-      f.tid = uint3{tx, ty, tz}; f.done = false;
+      f.tid = uint3{tx, ty, tz}; f.done = false; f.at_barrier = false;
       getcontext(&f.ctx);
       f.ctx.uc_stack.ss_sp = f.stack.data(); f.ctx.uc_stack.ss_size = f.stack.size();
       f.ctx.uc_link = &sched;
@@ -251,11 +263,18 @@ inline void launch(void (*fn)(void**), void** args, dim3 grid, dim3 block, bool 
     for (bool left = cooperative; left;) {
       left = false;
       for (auto& f : fibers) {
-        if (f.done) continue;
+        if (f.done || f.at_barrier) continue;
         cur = &f; threadIdx = f.tid;
         swapcontext(&sched, &f.ctx);
-        left |= !f.done;
       }
+      // Everyone still running waits at the barrier: release them together.
+      bool all = true;
+      for (auto& f : fibers) {
+        if (f.done) continue;
+        left = true;
+        all &= f.at_barrier;
+      }
+      if (all) for (auto& f : fibers) f.at_barrier = false;
     }
   }
 }
@@ -265,7 +284,48 @@ template <class... P, size_t... I> void call_impl(void (*k)(P...), void** a, std
 template <class... P> void call(void (*k)(P...), void** a) { call_impl(k, a, std::index_sequence_for<P...>{}); }
 }  // namespace emu
 
-inline void __syncthreads() { emu::yield(); }
+inline void __syncthreads() { emu::barrier(); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: each lane hands in its A (4 registers)
+// and B (2 registers) fragments, then computes its 4 accumulators from the whole warp's,
+// with the fragment layout of the PTX ISA (groupID = lane / 4, tq = lane % 4):
+// A[row][k] is in lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
+// B[k][n] in lane n * 4 + (k % 8) / 2, register k / 8, half k % 2;
+// C[row][col] in lane (row % 8) * 4 + col / 2, element 2 (row / 8) + col % 2.
+enum { EMU_F16 = 0, EMU_BF16 = 1 };
+namespace emu { inline std::vector<uint32_t> frags; }
+inline float emu_half(uint32_t x, int kind) {
+  x &= 0xffffu;
+  if (kind == EMU_BF16) { uint32_t u = x << 16; float f; memcpy(&f, &u, 4); return f; }
+  uint16_t b = (uint16_t)x; _Float16 h; memcpy(&h, &b, 2); return (float)h;
+}
+inline void emu_mma_16816(float* d, const unsigned* a, const unsigned* b, int kind) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned nt = blockDim.x * blockDim.y * blockDim.z;
+  if (emu::frags.size() < 6u * nt) emu::frags.assign(6u * nt, 0u);
+  for (int i = 0; i < 4; ++i) emu::frags[6 * t + i] = a[i];
+  emu::frags[6 * t + 4] = b[0];
+  emu::frags[6 * t + 5] = b[1];
+  emu::yield();
+  const unsigned base = t & ~31u, lane = t & 31u, g = lane >> 2, tq = lane & 3u;
+  auto A = [&](unsigned row, unsigned k) {
+    const uint32_t w = emu::frags[6 * (base + (row % 8) * 4 + (k % 8) / 2) + row / 8 + 2 * (k / 8)];
+    return emu_half((k % 2) ? (w >> 16) : w, kind);
+  };
+  auto B = [&](unsigned k, unsigned n) {
+    const uint32_t w = emu::frags[6 * (base + n * 4 + (k % 8) / 2) + 4 + k / 8];
+    return emu_half((k % 2) ? (w >> 16) : w, kind);
+  };
+  float r[4];
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * tq + (i % 2);
+    float acc = d[i];
+    for (unsigned k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    r[i] = acc;
+  }
+  emu::yield();
+  for (int i = 0; i < 4; ++i) d[i] = r[i];
+}
 inline float __shfl_xor_sync(unsigned, float v, int m) {
   const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   emu::slots[t] = v;
@@ -439,7 +499,10 @@ fn encode(x: &[f32], d: StorageDType) -> Vec<u8> {
     match d {
         StorageDType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
         StorageDType::Bf16 => x.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(),
-        StorageDType::F16 => unimplemented!("the emulation tests use f32 and bf16"),
+        StorageDType::F16 => x
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
     }
 }
 
@@ -453,7 +516,10 @@ fn decode(b: &[u8], d: StorageDType, n: usize) -> Vec<f32> {
             .chunks_exact(2)
             .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
             .collect(),
-        StorageDType::F16 => unimplemented!("the emulation tests use f32 and bf16"),
+        StorageDType::F16 => b[..2 * n]
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
     }
 }
 
@@ -612,29 +678,6 @@ fn library_step(p: &Program, plan: &CudaPlan, mem: &mut Memory, step: &Step) {
             let bias = b.map(r);
             gemm::linear(&r(*x), *m, *k, &r(*w), *n, bias.as_deref(), &mut out)
         }
-        Step::Attention {
-            q,
-            k,
-            v,
-            batch,
-            sq,
-            sk,
-            heads,
-            head_dim,
-            scale,
-            ..
-        } => attention::attention(
-            &r(*q),
-            &r(*k),
-            &r(*v),
-            *batch,
-            *sq,
-            *sk,
-            *heads,
-            *head_dim,
-            *scale,
-            &mut out,
-        ),
         Step::Conv2d {
             x,
             w,
@@ -1156,4 +1199,259 @@ fn emulated_shard_and_gather_round_trip() {
             assert_eq!(got, want, "{dtype} rank {r}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The flash-attention kernel on its own: every head dim and storage type, with the
+// log-sum-exp and a key-padding mask, query and key counts that leave partial tiles.
+
+/// The value of `x` once stored as `d`.
+fn rounded(x: &[f32], d: StorageDType) -> Vec<f32> {
+    decode(&encode(x, d), d, x.len())
+}
+
+/// Float64 attention of `[B, S, H*D]` tensors (keys where `mask` is true) and the
+/// natural-log LSE `[B, H, SQ]`.
+#[allow(clippy::too_many_arguments)]
+fn attention_f64(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    spec: &cuda::AttentionSpec,
+    mask: &[bool],
+) -> (Vec<f64>, Vec<f64>) {
+    let (b, sq, sk, h, d) = (spec.batch, spec.sq, spec.sk, spec.heads, spec.head_dim);
+    let mut out = vec![0.0f64; b * sq * h * d];
+    let mut lse = vec![f64::NEG_INFINITY; b * h * sq];
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..sq {
+                let qi = &q[((bi * sq + i) * h + hi) * d..][..d];
+                let scores: Vec<Option<f64>> = (0..sk)
+                    .map(|j| {
+                        mask[j].then(|| {
+                            let kj = &k[((bi * sk + j) * h + hi) * d..][..d];
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(&a, &c)| a as f64 * c as f64)
+                                .sum::<f64>()
+                                * spec.scale as f64
+                        })
+                    })
+                    .collect();
+                let m = scores
+                    .iter()
+                    .flatten()
+                    .fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = scores.iter().flatten().map(|x| (x - m).exp()).sum();
+                lse[(bi * h + hi) * sq + i] = m + z.ln();
+                let o = &mut out[((bi * sq + i) * h + hi) * d..][..d];
+                for (j, sc) in scores.iter().enumerate() {
+                    let Some(sc) = sc else { continue };
+                    let p = (sc - m).exp() / z;
+                    let vj = &v[((bi * sk + j) * h + hi) * d..][..d];
+                    for (oo, &vv) in o.iter_mut().zip(vj) {
+                        *oo += p * vv as f64;
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn attention_specs() -> Vec<cuda::AttentionSpec> {
+    let mut specs = Vec::new();
+    for dtype in [StorageDType::Bf16, StorageDType::F16, StorageDType::F32] {
+        for &head_dim in &cuda::HEAD_DIMS {
+            // The SIMT kernel runs a warp per row: fewer rows keep the emulation quick.
+            let (sq, sk) = match dtype {
+                StorageDType::F32 => (9, 45),
+                _ => (70, 100),
+            };
+            specs.push(cuda::AttentionSpec {
+                batch: 1,
+                sq,
+                sk,
+                heads: 2,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                dtype,
+                lse: true,
+                key_mask: true,
+            });
+        }
+    }
+    specs
+}
+
+/// The kernel in the emulator against float64 on the same (storage-rounded) inputs, for
+/// every head dim and storage type; and a key mask that hides every key.
+#[test]
+fn emulated_attention_kernels_match_float64() {
+    let specs = attention_specs();
+    let kernels: Vec<ditto::codegen::cuda::CudaKernel> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let name = format!("attention_{i}");
+            let source = cuda::attention_source(spec, &name).unwrap();
+            ditto::codegen::cuda::CudaKernel {
+                hash: cuda::kernel_hash(&source),
+                name,
+                source,
+            }
+        })
+        .collect();
+    let plan = CudaPlan {
+        dtype: StorageDType::Bf16,
+        value_dtypes: vec![],
+        input_dtypes: vec![],
+        buffer_bytes: vec![],
+        kernels,
+        steps: vec![],
+    };
+    let Some((emu, _dir)) = emulator_or_skip(&plan, "attention") else {
+        return;
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        let n_q = spec.batch * spec.sq * spec.heads * spec.head_dim;
+        let n_k = spec.batch * spec.sk * spec.heads * spec.head_dim;
+        let mut b = Build::new();
+        let (q, k) = (b.input(&[n_q]), b.input(&[n_k]));
+        b.input(&[n_k]);
+        let data = inputs_for(&b.p, 7 + i as u64);
+        let [q, k, v] = [&data[q], &data[k], &data[k + 1]].map(|x| rounded(x, spec.dtype));
+        for all_masked in [false, true] {
+            // Every fifth key is padding (or all of them).
+            let mask: Vec<bool> = (0..spec.sk).map(|j| !all_masked && j % 5 != 3).collect();
+            let mut blobs = vec![
+                vec![0u8; n_q * spec.dtype.bytes() + CANARY],
+                encode(&q, spec.dtype),
+                encode(&k, spec.dtype),
+                encode(&v, spec.dtype),
+                vec![0u8; 4 * spec.batch * spec.heads * spec.sq],
+                mask.iter().map(|&m| m as u8).collect(),
+            ];
+            let (grid, block) = spec.launch_dims();
+            let args = (0..6).map(|b| Arg::Blob(b, 0)).collect();
+            emu.run(&[(i, grid, block, args)], &mut blobs);
+            assert!(
+                blobs[0][n_q * spec.dtype.bytes()..].iter().all(|&x| x == 0),
+                "{spec:?}: wrote past the output"
+            );
+            let got = decode(&blobs[0], spec.dtype, n_q);
+            let got_lse = decode(&blobs[4], StorageDType::F32, blobs[4].len() / 4);
+            let (want, want_lse) = attention_f64(&q, &k, &v, spec, &mask);
+            let scale = want.iter().fold(1e-30f64, |a, x| a.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs())
+                .fold(0.0f64, f64::max)
+                / scale;
+            let lse_err = got_lse
+                .iter()
+                .zip(&want_lse)
+                .map(|(&g, &w)| {
+                    if w.is_infinite() && (g as f64) == w {
+                        0.0
+                    } else {
+                        (g as f64 - w).abs()
+                    }
+                })
+                .fold(0.0f64, f64::max);
+            // 16-bit storage rounds the probabilities and the output (2^-8 for bf16).
+            let tol = match spec.dtype {
+                StorageDType::Bf16 => 1.5e-2,
+                StorageDType::F16 => 2e-3,
+                StorageDType::F32 => 1e-5,
+            };
+            eprintln!(
+                "attention d{} {} {}: max rel err {err:.2e}, LSE max abs err {lse_err:.2e}",
+                spec.head_dim,
+                spec.dtype,
+                if all_masked { "(all keys masked)" } else { "" }
+            );
+            if all_masked {
+                assert!(got.iter().all(|&x| x == 0.0), "{spec:?}: masked rows");
+                assert!(got_lse.iter().all(|&x| x == f32::NEG_INFINITY));
+            } else {
+                assert!(err <= tol, "{spec:?}: {err:e}");
+                assert!(lse_err <= 1e-4, "{spec:?}: LSE {lse_err:e}");
+            }
+        }
+    }
+}
+
+/// Every attention variant compiles to sm_90 PTX and assembles without register spills.
+#[test]
+fn attention_kernels_compile_without_spills() {
+    let (version, _) = match cuda::nvrtc_version() {
+        Ok(v) => v,
+        Err(e) if !in_ci() => {
+            eprintln!("skipped: NVRTC is not available here ({e})");
+            return;
+        }
+        Err(e) => panic!("CI must have NVRTC (installed by .ci/run): {e}"),
+    };
+    let include = cuda::cuda_include_dirs();
+    let ptxas = cuda::find_ptxas();
+    eprintln!("NVRTC {}.{}", version.0, version.1);
+    let mut specs = attention_specs();
+    // Production sizes: PixArt-Sigma at 1024 px (4096 tokens, 16 heads of 72) and Flux
+    // (4608 tokens, 24 heads of 128), without the optional outputs.
+    for (seq, heads, head_dim) in [(4096, 16, 72), (4608, 24, 128)] {
+        specs.push(cuda::AttentionSpec {
+            batch: 2,
+            sq: seq,
+            sk: seq,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            dtype: StorageDType::Bf16,
+            lse: false,
+            key_mask: false,
+        });
+    }
+    let mut spills = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let name = format!("attention_{i}");
+        let source = cuda::attention_source(spec, &name).unwrap();
+        let kernel = ditto::codegen::cuda::CudaKernel {
+            hash: cuda::kernel_hash(&source),
+            name: name.clone(),
+            source,
+        };
+        let ptx = cuda::compile_ptx(std::slice::from_ref(&kernel), ARCH, &include)
+            .unwrap_or_else(|e| panic!("{spec:?}: {e}"))
+            .remove(0)
+            .1;
+        assert!(ptx.contains(&format!(".entry {name}(")));
+        if spec.dtype != StorageDType::F32 {
+            assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
+        }
+        let Some(ptxas) = &ptxas else { continue };
+        for f in cuda::ptxas_info(ptxas, &ptx, ARCH).unwrap() {
+            eprintln!(
+                "d{} {}: {} registers, {} B smem, spills {}/{}",
+                spec.head_dim,
+                spec.dtype,
+                f.registers,
+                f.shared_bytes,
+                f.spill_stores,
+                f.spill_loads
+            );
+            if f.spill_stores > 0 || f.spill_loads > 0 {
+                spills.push(format!("{spec:?}"));
+            }
+        }
+    }
+    assert!(
+        spills.is_empty(),
+        "attention kernels that spill: {spills:?}"
+    );
 }

@@ -1,11 +1,12 @@
-//! CUDA C for every kernel a [`Program`] needs beyond GEMMs, attention and collectives,
+//! CUDA C for every kernel a [`Program`] needs beyond GEMMs, convolutions and collectives,
 //! its compilation to PTX with NVRTC, and a content-addressed cache of the results.
 //!
 //! [`cuda_plan`] walks a program and emits, per step, the kernels and their launches:
 //! fused elementwise kernels (named after the ops they fuse, `k3_add_mul_add`), layer /
 //! RMS / group norm, softmax, RoPE and its tables, timestep and position embeddings,
-//! embedding lookups, and the layout copies (permute, concat, slice, shard, the local half
-//! of all-gather, upsample, copy, fill). [`cuda_sources`] is just the kernels.
+//! embedding lookups, the layout copies (permute, concat, slice, shard, the local half
+//! of all-gather, upsample, copy, fill), and flash attention (tensor cores for 16-bit
+//! storage, see `attention`). [`cuda_sources`] is just the kernels.
 //!
 //! Design choices, and why:
 //! - **Shapes are baked in.** A Program is compiled for fixed shapes (its buffers are planned
@@ -33,6 +34,7 @@
 //! weight, input and scratch area starts 16-byte aligned (separate `cudaMalloc`s are 256-byte
 //! aligned); parameters are passed in `Launch::args` order; `KArg::MeshIndex` is an `int`.
 
+mod attention;
 mod cache;
 mod elementwise;
 mod embed;
@@ -46,6 +48,7 @@ mod ptxas;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use attention::{attention_source, AttentionSpec, HEAD_DIMS};
 pub use cache::{kernel_hash, CacheStats, KernelCache};
 pub use nvrtc::{
     compile_ptx, cuda_include_dirs, find_nvrtc, nvrtc_version, COMPILE_OPTIONS, CUDA_INCLUDE_ENV,

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::attention::{self, AttentionSpec};
 use super::elementwise::{self, Elementwise, Emitted, Operand};
 use super::emit::NAME;
 use super::{embed, kernel_hash, layout, norm, CudaError, CudaKernel, StorageDType};
@@ -49,8 +50,8 @@ pub enum LibraryOp {
     Gemm,
     /// `Step::Conv2d`: implicit GEMM (cuDNN / a CUTLASS-style kernel).
     Conv2d,
-    /// `Step::Attention` / `Step::SeqAttention`: the flash-attention kernel (+ NCCL for
-    /// the sequence-parallel forms).
+    /// `Step::SeqAttention`: the flash-attention kernel around the sequence-parallel
+    /// exchange (NCCL). A plain `Step::Attention` is a launch of the generated kernel.
     Attention,
     /// `Step::AllGather`: NCCL all-gather of `x` into the step's scratch, members in order;
     /// the launches then drop the padding.
@@ -394,7 +395,57 @@ fn step_plan(b: &mut Builder, cx: &Ctx, step: &Step) -> Result<StepPlan, String>
     Ok(match step {
         Step::Linear { .. } => library(LibraryOp::Gemm),
         Step::Conv2d { .. } => library(LibraryOp::Conv2d),
-        Step::Attention { .. } | Step::SeqAttention { .. } => library(LibraryOp::Attention),
+        Step::Attention {
+            q,
+            k,
+            v,
+            out,
+            batch,
+            sq,
+            sk,
+            heads,
+            head_dim,
+            head_dim_v,
+            scale,
+        } => {
+            if head_dim != head_dim_v {
+                return Err(format!(
+                    "attention with value width {head_dim_v} != key width {head_dim}"
+                ));
+            }
+            let spec = AttentionSpec {
+                batch: *batch,
+                sq: *sq,
+                sk: *sk,
+                heads: *heads,
+                head_dim: *head_dim,
+                scale: *scale,
+                dtype: cx.dtype(*q),
+                lse: false,
+                key_mask: false,
+            };
+            for (x, rows) in [(*q, sq), (*k, sk), (*v, sk), (*out, sq)] {
+                if cx.numel(x) != batch * rows * heads * head_dim || cx.dtype(x) != spec.dtype {
+                    return Err(format!(
+                        "attention operand {x} holds {} {} values, expected {batch} x {rows} x {heads} x {head_dim} {}",
+                        cx.numel(x),
+                        cx.dtype(x),
+                        spec.dtype
+                    ));
+                }
+            }
+            let e = attention::attention_kernel(b, &spec)?;
+            launches(vec![launch(
+                e,
+                vec![
+                    KArg::Value(*out),
+                    KArg::Value(*q),
+                    KArg::Value(*k),
+                    KArg::Value(*v),
+                ],
+            )])
+        }
+        Step::SeqAttention { .. } => library(LibraryOp::Attention),
         Step::Fused { kernel, args, out } => {
             let k = &p.kernels[*kernel];
             if k.num_args != args.len() {
