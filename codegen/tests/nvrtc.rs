@@ -452,13 +452,26 @@ fn library_steps_and_collectives() {
         kinds,
         [
             Some(LibraryOp::Gemm),
-            Some(LibraryOp::Attention),
+            None,
             Some(LibraryOp::Gemm),
             None,
             Some(LibraryOp::Collective)
         ]
     );
-    assert!(plan.steps[1].launches.is_empty());
+    // Attention is a launch of the generated flash-attention kernel: 1024 / 64 query
+    // tiles x 24 heads x 1 batch, 4 warps.
+    let attn = &plan.steps[1].launches[0];
+    assert_eq!((attn.grid, attn.block), ([16, 24, 1], [128, 1, 1]));
+    assert_eq!(
+        attn.args,
+        [
+            KArg::Value(o),
+            KArg::Value(q),
+            KArg::Value(q),
+            KArg::Value(q)
+        ]
+    );
+    assert!(plan.kernels[attn.kernel].source.contains("mma.sync"));
     let shard = &plan.steps[3].launches[0];
     assert_eq!(shard.args[2], KArg::MeshIndex(MeshAxis::Ulysses));
     let gather = &plan.steps[4];
