@@ -82,22 +82,48 @@ fn programs() -> Vec<(String, Program)> {
     out
 }
 
-#[test]
-fn fixture_kernels_compile_to_ptx() {
-    let nvrtc = cuda::nvrtc_version();
-    let (version, lib) = match nvrtc {
+/// The CUDA toolchain the compile tests use: NVRTC (its version and library), the headers
+/// and ptxas. `None` (the test skips, saying why) without NVRTC, except under CI, which
+/// must have both (installed by `.ci/run`).
+struct Toolchain {
+    version: (i32, i32),
+    lib: PathBuf,
+    include: Vec<PathBuf>,
+    ptxas: Option<PathBuf>,
+}
+
+fn toolchain_or_skip() -> Option<Toolchain> {
+    let (version, lib) = match cuda::nvrtc_version() {
         Ok(v) => v,
         Err(e) if !in_ci() => {
             eprintln!("skipped: NVRTC is not available here ({e})");
-            return;
+            return None;
         }
         Err(e) => panic!("CI must have NVRTC (installed by .ci/run): {e}"),
     };
-    let include = cuda::cuda_include_dirs();
     let ptxas = cuda::find_ptxas();
     if ptxas.is_none() && in_ci() {
         panic!("CI must have ptxas (installed by .ci/run from nvidia-cuda-nvcc)");
     }
+    Some(Toolchain {
+        version,
+        lib,
+        include: cuda::cuda_include_dirs(),
+        ptxas,
+    })
+}
+
+#[test]
+fn fixture_kernels_compile_to_ptx() {
+    let Some(Toolchain {
+        version,
+        lib,
+        include,
+        ptxas,
+    }) = toolchain_or_skip()
+    else {
+        return;
+    };
     eprintln!(
         "NVRTC {}.{} from {}; headers {:?}; ptxas {:?}",
         version.0,
@@ -1390,16 +1416,15 @@ fn emulated_attention_kernels_match_float64() {
 /// Every attention variant compiles to sm_90 PTX and assembles without register spills.
 #[test]
 fn attention_kernels_compile_without_spills() {
-    let (version, _) = match cuda::nvrtc_version() {
-        Ok(v) => v,
-        Err(e) if !in_ci() => {
-            eprintln!("skipped: NVRTC is not available here ({e})");
-            return;
-        }
-        Err(e) => panic!("CI must have NVRTC (installed by .ci/run): {e}"),
+    let Some(Toolchain {
+        version,
+        include,
+        ptxas,
+        ..
+    }) = toolchain_or_skip()
+    else {
+        return;
     };
-    let include = cuda::cuda_include_dirs();
-    let ptxas = cuda::find_ptxas();
     eprintln!("NVRTC {}.{}", version.0, version.1);
     let mut specs = attention_specs();
     // Production sizes: PixArt-Sigma at 1024 px (4096 tokens, 16 heads of 72) and Flux
