@@ -599,11 +599,17 @@ impl Pipeline {
             },
         };
 
+        // The step cache of this request, and TeaCache's polynomial.
+        let policy = req
+            .cache
+            .clone()
+            .unwrap_or_else(|| self.steps.policy.clone());
+        let rescale = match policy {
+            CachePolicy::TeaCache { .. } => Some(self.teacache_rescale()?),
+            _ => None,
+        };
+
         if let Some(layout) = self.pipefusion.clone() {
-            let policy = req
-                .cache
-                .clone()
-                .unwrap_or_else(|| self.steps.policy.clone());
             policy
                 .validate()
                 .map_err(|e| PipelineError::Request(e.to_string()))?;
@@ -644,10 +650,6 @@ impl Pipeline {
                 seconds: compile_seconds,
                 num_steps: timesteps.len(),
             });
-            let rescale = match policy {
-                CachePolicy::TeaCache { .. } => Some(self.teacache_rescale()?),
-                _ => None,
-            };
             // Every rank of the last stage steps its own copy of the scheduler alike.
             let mut schedulers = vec![sched];
             for _ in 1..mesh.world_size() {
@@ -692,14 +694,6 @@ impl Pipeline {
         }
         let t0 = Instant::now();
         // The whole forward, or the parts a step cache or the taps need (see `cache`).
-        let policy = req
-            .cache
-            .clone()
-            .unwrap_or_else(|| self.steps.policy.clone());
-        let rescale = match policy {
-            CachePolicy::TeaCache { .. } => Some(self.teacache_rescale()?),
-            _ => None,
-        };
         let cx = cache::StepContext {
             model: &self.transformer,
             source: &self.source,

@@ -332,15 +332,34 @@ pub fn seq_attention(
         Ok(())
     };
 
-    if uc == 1 {
+    around_ulysses(ctx, &ugroup, split, a, q, k, v, out, attend)
+}
+
+/// Runs `attend` on this rank's share of the heads (`split`) for the rows of its whole
+/// Ulysses group: q/k/v go out in one all-to-all, the output comes back in another. With a
+/// group of one, `attend` runs on the local tensors directly. `attend` gets the rank
+/// context, q, k, v (rows member-major) and the output to fill.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn around_ulysses(
+    ctx: &mut RankCtx,
+    group: &Group,
+    split: HeadSplit,
+    a: &SeqAttn,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    attend: impl FnOnce(&mut RankCtx, &[f32], &[f32], &[f32], &mut [f32]) -> Result<(), RuntimeError>,
+) -> Result<(), RuntimeError> {
+    if group.size() == 1 {
         return attend(ctx, q, k, v, out);
     }
     let comm = ctx.comm("ulysses attention")?;
-    let s = ulysses::scatter(comm, &ugroup, split, a.batch, a.sq, a.sk, q, k, v)?;
-    let mut o = vec![0.0f32; a.batch * shape.sq * split.width()];
+    let s = ulysses::scatter(comm, group, split, a.batch, a.sq, a.sk, q, k, v)?;
+    let mut o = vec![0.0f32; a.batch * group.size() * a.sq * split.width()];
     attend(ctx, &s.q, &s.k, &s.v, &mut o)?;
     drop(s);
     let comm = ctx.comm("ulysses attention")?;
-    ulysses::gather(comm, &ugroup, split, a.batch, a.sq, &o, out)?;
+    ulysses::gather(comm, group, split, a.batch, a.sq, &o, out)?;
     Ok(())
 }

@@ -53,7 +53,7 @@
 use ditto_codegen::{MeshAxis, Segment};
 
 use super::shard::AxisView;
-use super::ulysses::{self, HeadSplit};
+use super::ulysses::HeadSplit;
 use super::{segments, RankCtx, SeqAttn};
 use crate::cpu::kernels::attention::attention_masked;
 use crate::RuntimeError;
@@ -438,82 +438,71 @@ pub fn displaced_attention(
     }
     // Ulysses inside: this rank's share of the heads for its Ulysses group's rows.
     let split = HeadSplit::new(a.heads, a.head_dim, u);
-    let scattered = if u > 1 {
-        let group = ctx.group(MeshAxis::Ulysses);
-        let comm = ctx.comm("displaced attention (Ulysses)")?;
-        Some(ulysses::scatter(
-            comm, &group, split, a.batch, a.sq, a.sk, q, k, v,
-        )?)
-    } else {
-        None
-    };
-    let (qs, ks, vs) = match &scattered {
-        Some(s) => (&s.q[..], &s.k[..], &s.v[..]),
-        None => (q, k, v),
-    };
     let (heads, width) = if u > 1 {
         (split.per_member, split.width())
     } else {
         (a.heads, a.heads * a.head_dim)
     };
-    let layout = StoreLayout::new(a.batch, width, segs, mesh.sp());
-    let (ordinal, store) = state.next_store(layout)?;
-    // This ring member's slots: its Ulysses members' rows.
-    store.write_members(segs, ri * u, u, ks, vs);
-    let window = if exchange_now {
-        let members = ctx.members(MeshAxis::Ring);
-        if members.len() > 1 {
-            let group = ctx.group(MeshAxis::Ring);
-            let comm = ctx.comm("displaced attention")?;
-            let n = ks.len();
-            let mut gk = vec![0.0f32; members.len() * n];
-            let mut gv = vec![0.0f32; members.len() * n];
-            comm.all_gather(&group, ks, &mut gk)?;
-            comm.all_gather(&group, vs, &mut gv)?;
-            for (j, &m) in members.iter().enumerate() {
-                let r = mesh.index(m, MeshAxis::Ring);
-                if r != ri {
-                    let (k, v) = (&gk[j * n..(j + 1) * n], &gv[j * n..(j + 1) * n]);
-                    store.write_members(segs, r * u, u, k, v);
+    let ugroup = ctx.group(MeshAxis::Ulysses);
+    super::around_ulysses(
+        ctx,
+        &ugroup,
+        split,
+        a,
+        q,
+        k,
+        v,
+        out,
+        |ctx, qs, ks, vs, o| {
+            let layout = StoreLayout::new(a.batch, width, segs, mesh.sp());
+            let (ordinal, store) = state.next_store(layout)?;
+            // This ring member's slots: its Ulysses members' rows.
+            store.write_members(segs, ri * u, u, ks, vs);
+            let window = if exchange_now {
+                let members = ctx.members(MeshAxis::Ring);
+                if members.len() > 1 {
+                    let group = ctx.group(MeshAxis::Ring);
+                    let comm = ctx.comm("displaced attention")?;
+                    let n = ks.len();
+                    let mut gk = vec![0.0f32; members.len() * n];
+                    let mut gv = vec![0.0f32; members.len() * n];
+                    comm.all_gather(&group, ks, &mut gk)?;
+                    comm.all_gather(&group, vs, &mut gv)?;
+                    for (j, &m) in members.iter().enumerate() {
+                        let r = mesh.index(m, MeshAxis::Ring);
+                        if r != ri {
+                            let (k, v) = (&gk[j * n..(j + 1) * n], &gv[j * n..(j + 1) * n]);
+                            store.write_members(segs, r * u, u, k, v);
+                        }
+                    }
                 }
-            }
-        }
-        if patch.is_some() {
-            state.stats.virtual_attentions += 1;
-        } else {
-            state.stats.exact_attentions += 1;
-        }
-        None
-    } else {
-        state.queued.push((ordinal, segs.to_vec()));
-        state.stats.stale_attentions += 1;
-        portion.map(|f| (ri, f))
-    };
-    let store = &state.stores[ordinal];
-    let mask = store.mask(segs, window);
-    if u == 1 {
-        attend(
-            q, store, &mask, a.batch, a.sq, heads, a.head_dim, a.scale, out,
-        );
-        return Ok(());
-    }
-    let mut o = vec![0.0f32; a.batch * u * a.sq * width];
-    attend(
-        qs,
-        store,
-        &mask,
-        a.batch,
-        u * a.sq,
-        heads,
-        a.head_dim,
-        a.scale,
-        &mut o,
-    );
-    drop(scattered);
-    let group = ctx.group(MeshAxis::Ulysses);
-    let comm = ctx.comm("displaced attention (Ulysses)")?;
-    ulysses::gather(comm, &group, split, a.batch, a.sq, &o, out)?;
-    Ok(())
+                if patch.is_some() {
+                    state.stats.virtual_attentions += 1;
+                } else {
+                    state.stats.exact_attentions += 1;
+                }
+                None
+            } else {
+                state.queued.push((ordinal, segs.to_vec()));
+                state.stats.stale_attentions += 1;
+                portion.map(|f| (ri, f))
+            };
+            let store = &state.stores[ordinal];
+            let mask = store.mask(segs, window);
+            attend(
+                qs,
+                store,
+                &mask,
+                a.batch,
+                u * a.sq,
+                heads,
+                a.head_dim,
+                a.scale,
+                o,
+            );
+            Ok(())
+        },
+    )
 }
 
 /// Attention of `q` over the store's keys where `mask` is true. When many keys are masked
