@@ -22,7 +22,64 @@ use ditto_models::tensor_file::{write_tensors, HostTensor};
 use ditto_models::BuildOptions;
 use ditto_runtime::cpu::executor::CpuExecutor;
 
-use crate::{CompileOptions, Error, Model};
+use crate::backend::cuda_executor;
+use crate::{Backend, CompileOptions, Error, Model};
+use ditto_runtime::gpu::{CudaDevice, Device, GpuExecutor};
+
+/// The executor a benchmark times.
+enum BenchExecutor {
+    Cpu(CpuExecutor),
+    Cuda(Box<GpuExecutor<CudaDevice>>),
+}
+
+impl BenchExecutor {
+    fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+        Ok(match self {
+            BenchExecutor::Cpu(e) => e.run(inputs)?,
+            BenchExecutor::Cuda(e) => e.run(inputs)?,
+        })
+    }
+    /// Outputs and seconds per step kind (the CPU backend only: GPU steps run
+    /// asynchronously, timed as a whole, uploads and downloads included).
+    #[allow(clippy::type_complexity)]
+    fn run_profiled(
+        &mut self,
+        inputs: &[&[f32]],
+    ) -> Result<(Vec<Vec<f32>>, Vec<(&'static str, f64)>), Error> {
+        match self {
+            BenchExecutor::Cpu(e) => {
+                let (out, profile) = e.run_profiled(inputs)?;
+                Ok((
+                    out,
+                    profile
+                        .by_kind
+                        .into_iter()
+                        .map(|(k, s, _)| (k, s))
+                        .collect(),
+                ))
+            }
+            BenchExecutor::Cuda(e) => Ok((e.run(inputs)?, Vec::new())),
+        }
+    }
+    fn describe(&self) -> String {
+        match self {
+            BenchExecutor::Cpu(_) => "cpu (f32)".into(),
+            BenchExecutor::Cuda(e) => {
+                let m = e.memory();
+                format!(
+                    "{}, {} storage; device memory {:.1} MiB (weights {:.1}, activations {:.1}, scratch {:.1}){}",
+                    e.device().describe(),
+                    e.plan().dtype,
+                    m.total() as f64 / 1048576.0,
+                    m.weights as f64 / 1048576.0,
+                    m.buffers as f64 / 1048576.0,
+                    m.scratch as f64 / 1048576.0,
+                    if e.graph_captured() { ", steps as one CUDA graph" } else { "" }
+                )
+            }
+        }
+    }
+}
 
 /// PixArt-Σ XL/2 at 256×256 (`PixArt-alpha/PixArt-Sigma-XL-2-256x256`): 28 blocks, 16 heads of
 /// 72, T5-XXL captions (4096 wide), a 32×32 latent and the PE interpolation scale 0.5 that
@@ -69,6 +126,8 @@ pub struct ForwardBenchOptions {
     /// named after the config and seed. A folder already holding the same generated weights
     /// is reused.
     pub weights_out: Option<PathBuf>,
+    /// Where the forward pass runs.
+    pub backend: Backend,
 }
 
 impl Default for ForwardBenchOptions {
@@ -83,6 +142,7 @@ impl Default for ForwardBenchOptions {
             threads: 0,
             seed: 0,
             weights_out: None,
+            backend: Backend::Cpu,
         }
     }
 }
@@ -111,6 +171,8 @@ pub struct ForwardBenchReport {
     pub text_len: usize,
     pub image_tokens: usize,
     pub threads: usize,
+    /// Where it ran (the GPU, its storage type and memory).
+    pub device: String,
     pub parameters: usize,
     pub steps: usize,
     /// Floating-point operations of one forward pass ([`Program::flops`]).
@@ -150,6 +212,7 @@ impl std::fmt::Display for ForwardBenchReport {
             self.flops / 1e9,
             self.threads
         )?;
+        writeln!(f, "device: {}", self.device)?;
         writeln!(
             f,
             "forward: median {:.4} s, min {:.4} s over {} runs ({} warmup) = {:.1} GFLOP/s",
@@ -246,9 +309,18 @@ fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBe
     let compile_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let loaded = model.load_weights(&compiled.program)?;
-    let load_s = t0.elapsed().as_secs_f64();
+    let mut load_s = t0.elapsed().as_secs_f64();
     let program = Arc::new(compiled.program);
-    let mut exec = CpuExecutor::new(program.clone(), loaded)?;
+    let mut exec = match opts.backend {
+        Backend::Cpu => BenchExecutor::Cpu(CpuExecutor::new(program.clone(), loaded)?),
+        Backend::Cuda { ordinal, dtype } => {
+            let t0 = Instant::now();
+            let e = cuda_executor(program.clone(), &loaded, ordinal, dtype)?;
+            drop(loaded);
+            load_s += t0.elapsed().as_secs_f64();
+            BenchExecutor::Cuda(Box::new(e))
+        }
+    };
 
     let mut bound: Vec<&[f32]> = Vec::with_capacity(program.inputs.len());
     for b in &program.inputs {
@@ -263,15 +335,16 @@ fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBe
     for _ in 0..opts.warmup {
         exec.run(&bound)?;
     }
+    let device = exec.describe();
     let mut times = Vec::with_capacity(opts.iters);
     let mut by_kind: Vec<(&'static str, f64)> = Vec::new();
     let mut last = Vec::new();
     for _ in 0..opts.iters {
         // Profiling costs two clock reads per step (~1k steps), far below the noise.
         let t0 = Instant::now();
-        let (out, profile) = exec.run_profiled(&bound)?;
+        let (out, by_step_kind) = exec.run_profiled(&bound)?;
         times.push(t0.elapsed().as_secs_f64());
-        for (kind, secs, _) in profile.by_kind {
+        for (kind, secs) in by_step_kind {
             match by_kind.iter_mut().find(|(k, _)| *k == kind) {
                 Some(e) => e.1 += secs,
                 None => by_kind.push((kind, secs)),
@@ -327,6 +400,7 @@ fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBe
         text_len: shapes.text_len,
         image_tokens: summary.image_tokens,
         threads,
+        device,
         parameters: model.checkpoint().num_parameters(),
         steps: program.steps.len(),
         flops,

@@ -15,6 +15,10 @@ pub enum Error {
     Codegen(#[from] ditto_codegen::CodegenError),
     #[error(transparent)]
     Runtime(#[from] ditto_runtime::RuntimeError),
+    #[error(transparent)]
+    Gpu(#[from] ditto_runtime::gpu::GpuError),
+    #[error(transparent)]
+    Cuda(#[from] ditto_codegen::cuda::CudaError),
     /// Loading a pipeline or generating with it, so that `?` on a [`crate::Pipeline`]'s
     /// results works in functions returning `ditto::Error`.
     #[error(transparent)]

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod analyze;
+pub mod backend;
 pub mod bench;
 pub mod dist_env;
 mod error;
@@ -35,6 +36,7 @@ pub use ditto_models as models;
 pub use ditto_passes as passes;
 pub use ditto_runtime as runtime;
 
+pub use backend::Backend;
 pub use ditto_codegen::Program;
 pub use ditto_models::tensor_file::{read_tensors, write_tensors, HostTensor};
 pub use ditto_models::{BuildOptions, Shapes, Summary};

@@ -157,10 +157,30 @@ struct ForwardArgs {
     #[command(flatten)]
     parallel: ParallelArgs,
     #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
     timeout: TimeoutArgs,
     /// Print per-rank bytes sent per collective, next to the analytic volume.
     #[arg(long)]
     report: bool,
+}
+
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// Where to run: cpu, cuda (GPU 0) or cuda:N. The GPU runs single-rank programs: no
+    /// parallel degrees, no DistriFusion or PipeFusion.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Storage type of weights and activations on the GPU: bf16, f16 or f32 (arithmetic
+    /// and accumulation are f32).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+}
+
+impl DeviceArgs {
+    fn backend(&self) -> Result<ditto::Backend> {
+        Ok(ditto::Backend::parse(&self.device, &self.dtype)?)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -388,6 +408,8 @@ struct RunArgs {
     inputs: PathBuf,
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn main() -> ExitCode {
@@ -512,6 +534,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let rank_opts = RankOptions {
         timeout,
         comm: member.as_ref().map(|m| m.comm.clone()),
+        backend: a.device.backend()?,
     };
     let result = forward_run(&a, &model, &shapes, &opts, rank_opts, &inputs, leader, t0);
     leave_run(member, result)
@@ -822,7 +845,7 @@ fn run(a: RunArgs) -> Result<()> {
     let weights = model
         .load_weights(&program)
         .with_context(|| format!("loading the weights of {}", a.plan.display()))?;
-    let mut session = Session::new(Arc::new(program), weights)?;
+    let mut session = Session::on(a.device.backend()?, Arc::new(program), weights)?;
     let inputs = read_forward_inputs(&a.inputs)?;
     let outs = session.run(&inputs)?;
     write_outputs(&a.out, &outs, false)?;
@@ -885,6 +908,8 @@ struct GenerateArgs {
     parallel: ParallelArgs,
     #[command(flatten)]
     pipefusion: PipeFusionArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[command(flatten)]
     timeout: TimeoutArgs,
     /// Print per-rank bytes sent per collective per step, next to the analytic volume.
@@ -973,6 +998,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .with_parallel(parallel.clone())
         .with_cache(a.cache.clone());
     let pipefusion = a.pipefusion.layout(a.parallel.warmup_steps)?;
+    let backend = a.device.backend()?;
+    if backend != ditto::Backend::Cpu
+        && (pipefusion.is_some() || parallel.mesh.world_size() > 1 || env.is_some())
+    {
+        bail!(
+            "--device {} runs single-rank generation only for now: drop the parallel degrees \
+             (and PipeFusion), or use --device cpu",
+            a.device.device
+        );
+    }
     if pipefusion.is_some() {
         if a.parallel.distrifusion_degree.is_some() {
             bail!(
@@ -1118,6 +1153,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     pipe = pipe.with_rank_options(RankOptions {
         timeout,
         comm: member.as_ref().map(|m| m.comm.clone()),
+        backend,
     });
     let labels: Vec<String> = if prompt.is_none() {
         classes
@@ -1318,6 +1354,8 @@ struct BenchForwardArgs {
     /// A safetensors file whose `output` tensor is the reference to compare against.
     #[arg(long)]
     reference: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
@@ -1331,6 +1369,7 @@ fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
         threads: a.threads,
         seed: a.seed,
         weights_out: a.dir,
+        backend: a.device.backend()?,
     })?;
     println!("checkpoint: {}", report.model_dir.display());
     print!("{report}");

@@ -20,8 +20,10 @@ use ditto_passes::{
 };
 use ditto_runtime::comm::{CommStats, Communicator};
 use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
+use ditto_runtime::gpu::{CudaDevice, GpuExecutor};
 use ditto_runtime::parallel::stale::StaleState;
 
+use crate::backend::{cuda_executor, Backend};
 use crate::parallel::{RankOptions, Ranks};
 use crate::Error;
 
@@ -370,9 +372,15 @@ fn check_equal_patches(graph: &Graph, parts: usize) -> Result<(), Error> {
     }
 }
 
-/// A compiled program bound to its weights on the CPU backend.
+/// The executor a session runs on.
+enum Executor {
+    Cpu(CpuExecutor),
+    Cuda(Box<GpuExecutor<CudaDevice>>),
+}
+
+/// A compiled program bound to its weights on a backend.
 pub struct Session {
-    executor: CpuExecutor,
+    executor: Executor,
     /// For programs with displaced attention run through [`run`](Self::run): their K/V
     /// across runs, in exact mode (one forward pass is exact).
     stale: Option<StaleState>,
@@ -383,9 +391,34 @@ impl Session {
         Self::from_executor(CpuExecutor::new(program, weights)?)
     }
 
+    /// A single-rank program on `backend` (on the GPU: its kernels compiled, its weights
+    /// uploaded).
+    pub fn on(backend: Backend, program: Arc<Program>, weights: Weights) -> Result<Session, Error> {
+        match backend {
+            Backend::Cpu => Self::new(program, weights),
+            Backend::Cuda { ordinal, dtype } => Ok(Session {
+                executor: Executor::Cuda(Box::new(cuda_executor(
+                    program, &weights, ordinal, dtype,
+                )?)),
+                stale: None,
+            }),
+        }
+    }
+
     fn from_executor(executor: CpuExecutor) -> Result<Session, Error> {
         let stale = executor.needs_stale_state().then(StaleState::default);
-        Ok(Session { executor, stale })
+        Ok(Session {
+            executor: Executor::Cpu(executor),
+            stale,
+        })
+    }
+
+    /// The GPU executor, for sessions on the CUDA backend (its memory, its device).
+    pub fn gpu(&self) -> Option<&GpuExecutor<CudaDevice>> {
+        match &self.executor {
+            Executor::Cuda(g) => Some(g),
+            Executor::Cpu(_) => None,
+        }
     }
 
     /// Rank `rank` of a multi-rank program, talking to the others through `comm`.
@@ -400,11 +433,17 @@ impl Session {
 
     /// Bytes this rank sent, per collective (multi-rank sessions).
     pub fn comm_stats(&self) -> Option<&CommStats> {
-        self.executor.comm_stats()
+        match &self.executor {
+            Executor::Cpu(e) => e.comm_stats(),
+            Executor::Cuda(_) => None,
+        }
     }
 
     pub fn program(&self) -> &Program {
-        self.executor.program()
+        match &self.executor {
+            Executor::Cpu(e) => e.program(),
+            Executor::Cuda(e) => e.program(),
+        }
     }
 
     /// Runs on named inputs, checking names and shapes against the program. A program
@@ -434,7 +473,7 @@ impl Session {
         inputs: &BTreeMap<String, HostTensor>,
         state: Option<&mut StaleState>,
     ) -> Result<BTreeMap<String, HostTensor>, Error> {
-        let program = self.executor.program();
+        let program = self.program();
         for name in inputs.keys() {
             if !program.inputs.iter().any(|b| &b.name == name) {
                 let known: Vec<&str> = program.inputs.iter().map(|b| b.name.as_str()).collect();
@@ -460,11 +499,12 @@ impl Session {
             }
             bound.push(&t.data);
         }
-        let outs = match state {
-            Some(st) => self.executor.run_with_state(&bound, st)?,
-            None => self.executor.run(&bound)?,
+        let outs = match (&mut self.executor, state) {
+            (Executor::Cpu(e), Some(st)) => e.run_with_state(&bound, st)?,
+            (Executor::Cpu(e), None) => e.run(&bound)?,
+            (Executor::Cuda(e), _) => e.run(&bound)?,
         };
-        let program = self.executor.program();
+        let program = self.program();
         Ok(program
             .outputs
             .iter()

@@ -13,7 +13,7 @@ use ditto_runtime::comm::{run_ranks, CommError, CommStats, Communicator, Group};
 use ditto_runtime::cpu::executor::Weights;
 use ditto_runtime::parallel::stale::{StaleMode, StaleState};
 
-use crate::{Error, HostTensor, Session};
+use crate::{Backend, Error, HostTensor, Session};
 
 /// How ranks are run.
 #[derive(Clone, Debug)]
@@ -24,6 +24,9 @@ pub struct RankOptions {
     /// This process is one rank of a multi-process run: run only `comm.rank()`, with this
     /// communicator to the others, instead of every rank as a thread.
     pub comm: Option<SharedComm>,
+    /// Where single-rank programs run. Programs over several ranks run on the CPU backend
+    /// only (the GPU backend has no communicator yet), and say so.
+    pub backend: Backend,
 }
 
 impl Default for RankOptions {
@@ -31,6 +34,7 @@ impl Default for RankOptions {
         RankOptions {
             timeout: Duration::from_secs(60),
             comm: None,
+            backend: Backend::Cpu,
         }
     }
 }
@@ -311,13 +315,24 @@ impl Ranks {
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<(BTreeMap<String, HostTensor>, RankStats), Error> {
         let world = self.program.mesh.world_size();
+        if world > 1 && self.opts.backend != Backend::Cpu {
+            return Err(Error::Input(format!(
+                "a program over {world} ranks cannot run on {}: the GPU backend runs \
+                 single-rank programs only for now (drop the parallel degrees, or use --device cpu)",
+                self.opts.backend
+            )));
+        }
         self.schedule_run();
         if let (Some(comm), true) = (&self.opts.comm, world > 1) {
             return self.run_own_rank(comm.clone(), inputs);
         }
         if world == 1 {
             if self.single.is_none() {
-                self.single = Some(Session::new(self.program.clone(), self.weights.clone())?);
+                self.single = Some(Session::on(
+                    self.opts.backend,
+                    self.program.clone(),
+                    self.weights.clone(),
+                )?);
             }
             let s = self.single.as_mut().expect("set above");
             let out = match self.stale.first_mut() {

@@ -270,3 +270,72 @@ fn compile_for_cuda_stores_ptx_with_the_plan() {
         assert!(text.contains(".target sm_90"), "{}", f.display());
     }
 }
+
+#[test]
+fn cuda_device_errors_name_their_cause() {
+    let dir = fixture("dit");
+    let io = dir.join("io.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let forward = |extra: &[&str]| {
+        let mut args = vec![
+            "forward",
+            "--model",
+            p(&dir),
+            "--inputs",
+            p(&io),
+            "--out",
+            p(&out),
+        ];
+        args.extend_from_slice(extra);
+        ditto(&args)
+    };
+    for (flags, says) in [
+        (&["--device", "gpu"][..], "unknown --device `gpu`"),
+        (&["--device", "cuda:x"][..], "unknown --device `cuda:x`"),
+        (
+            &["--device", "cuda", "--dtype", "fp8"][..],
+            "unknown --dtype `fp8`",
+        ),
+    ] {
+        let (ok, _, err) = forward(flags);
+        assert!(!ok && err.contains(says), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Parallel programs stay on the CPU backend for now, and say so before anything runs.
+    let (ok, _, err) = ditto(&[
+        "generate",
+        "--device",
+        "cuda",
+        "--ulysses-degree",
+        "2",
+        "--out",
+        p(&tmp.path().join("g.png")),
+    ]);
+    assert!(!ok && err.contains("single-rank"), "{err}");
+    // Without the NVIDIA driver (CI), the GPU backend names the missing library instead of
+    // panicking in cudarc; with one, the forward pass runs.
+    use ditto::runtime::gpu::libraries::{require, Library};
+    if require(Library::Driver).is_err() {
+        for cmd in [
+            forward(&["--device", "cuda"]),
+            ditto(&[
+                "generate",
+                "--device",
+                "cuda:0",
+                "--steps",
+                "1",
+                "--out",
+                p(&tmp.path().join("g.png")),
+            ]),
+        ] {
+            let (ok, _, err) = cmd;
+            assert!(!ok, "{err}");
+            assert!(
+                err.contains("libcuda") && err.contains("--device cpu"),
+                "{err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}

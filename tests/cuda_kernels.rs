@@ -19,7 +19,10 @@ use ditto::codegen::{
     Binding, KInstr, Kernel, Mesh, MeshAxis, Program, Segment, Step, Storage, Value,
 };
 use ditto::runtime::cpu::executor::CpuExecutor;
-use ditto::runtime::cpu::kernels::{conv, gemm};
+use ditto::runtime::cpu::kernels::gemm;
+use ditto::runtime::gpu::{
+    decode, encode, Device, DevicePtr, Gemm, GpuError, GpuExecutor, LaunchArg,
+};
 use ditto::{CompileOptions, HostTensor, Model, Parallel};
 
 const ARCH: &str = "sm_90";
@@ -395,6 +398,8 @@ int main(int argc, char** argv) {
 struct Emulator {
     exe: PathBuf,
     dir: PathBuf,
+    /// Kernels it holds.
+    kernels: usize,
 }
 
 fn cxx() -> Option<String> {
@@ -455,6 +460,7 @@ impl Emulator {
         Emulator {
             exe,
             dir: dir.to_path_buf(),
+            kernels: plan.kernels.len(),
         }
     }
 
@@ -513,42 +519,6 @@ enum Arg {
     Int(i32),
 }
 
-fn bf16_bits(x: f32) -> u16 {
-    let u = x.to_bits();
-    if (u & 0x7fff_ffff) > 0x7f80_0000 {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
-}
-
-fn encode(x: &[f32], d: StorageDType) -> Vec<u8> {
-    match d {
-        StorageDType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StorageDType::Bf16 => x.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(),
-        StorageDType::F16 => x
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
-    }
-}
-
-fn decode(b: &[u8], d: StorageDType, n: usize) -> Vec<f32> {
-    match d {
-        StorageDType::F32 => b[..4 * n]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        StorageDType::Bf16 => b[..2 * n]
-            .chunks_exact(2)
-            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-            .collect(),
-        StorageDType::F16 => b[..2 * n]
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-    }
-}
-
 /// Bytes past each blob's end that a kernel must leave alone.
 const CANARY: usize = 64;
 
@@ -596,11 +566,6 @@ impl Memory {
             plan.value_dtypes[v],
             p.values[v].numel(),
         )
-    }
-    fn write(&mut self, p: &Program, plan: &CudaPlan, v: usize, x: &[f32]) {
-        let b = self.blob(p.values[v].storage);
-        let bytes = encode(x, plan.value_dtypes[v]);
-        self.blobs[b][..bytes.len()].copy_from_slice(&bytes);
     }
 }
 
@@ -669,8 +634,213 @@ fn run_launches(
     }
 }
 
-/// Runs a single-rank program: library steps on the CPU kernels (in f32, rounding their
-/// results to the storage type), generated kernels in the emulator.
+/// A [`Device`] on the host: allocations are byte blobs (each followed by a canary no
+/// kernel may touch), generated kernels run in the emulator, GEMMs on the CPU backend's
+/// `gemm` (f32 accumulation, the result rounded to the storage type, as cuBLASLt does).
+/// Work is queued as on a stream and runs at the next GEMM, download or synchronize;
+/// capture records the queue for replay. Uploaded allocations (weights, inputs) are
+/// checked unchanged after every batch of launches: no kernel writes what it reads.
+struct EmulatedDevice<'a> {
+    emu: &'a Emulator,
+    blobs: Vec<Vec<u8>>,
+    uploaded: BTreeMap<usize, Vec<u8>>,
+    queue: Vec<Op>,
+    recording: Option<Vec<Op>>,
+    graph: Option<Vec<Op>>,
+    /// Launches and GEMMs run, and graph replays.
+    launches: usize,
+    gemms: usize,
+    replays: usize,
+}
+
+#[derive(Clone)]
+enum Op {
+    Launch(HostLaunch),
+    Gemm(Gemm),
+}
+
+impl<'a> EmulatedDevice<'a> {
+    fn new(emu: &'a Emulator) -> Self {
+        EmulatedDevice {
+            emu,
+            blobs: vec![],
+            uploaded: BTreeMap::new(),
+            queue: vec![],
+            recording: None,
+            graph: None,
+            launches: 0,
+            gemms: 0,
+            replays: 0,
+        }
+    }
+    /// (allocation, byte offset) of an address.
+    fn at(&self, ptr: DevicePtr) -> (usize, usize) {
+        let (blob, off) = ((ptr >> 40) as usize - 1, (ptr & ((1 << 40) - 1)) as usize);
+        assert!(
+            blob < self.blobs.len(),
+            "address {ptr:#x} is not an allocation"
+        );
+        (blob, off)
+    }
+    fn read(&self, ptr: DevicePtr, d: StorageDType, n: usize) -> Vec<f32> {
+        let (b, off) = self.at(ptr);
+        let len = self.blobs[b].len() - CANARY;
+        assert!(off + n * d.bytes() <= len, "read past allocation {b}");
+        decode(&self.blobs[b][off..], d, n)
+    }
+    fn write(&mut self, ptr: DevicePtr, d: StorageDType, x: &[f32]) {
+        let (b, off) = self.at(ptr);
+        let bytes = encode(x, d);
+        assert!(
+            off + bytes.len() <= self.blobs[b].len() - CANARY,
+            "write past allocation {b}"
+        );
+        self.blobs[b][off..off + bytes.len()].copy_from_slice(&bytes);
+    }
+    fn enqueue(&mut self, op: Op) {
+        match &mut self.recording {
+            Some(r) => r.push(op),
+            None => self.queue.push(op),
+        }
+    }
+    fn flush(&mut self) {
+        let queue = std::mem::take(&mut self.queue);
+        let mut launches: Vec<HostLaunch> = vec![];
+        for op in queue {
+            match op {
+                Op::Launch(l) => launches.push(l),
+                Op::Gemm(g) => {
+                    self.run_launches(std::mem::take(&mut launches));
+                    self.run_gemm(&g);
+                }
+            }
+        }
+        self.run_launches(launches);
+    }
+    fn run_launches(&mut self, launches: Vec<HostLaunch>) {
+        if launches.is_empty() {
+            return;
+        }
+        self.launches += launches.len();
+        self.emu.run(&launches, &mut self.blobs);
+        for (i, b) in self.blobs.iter().enumerate() {
+            assert!(
+                b[b.len() - CANARY..].iter().all(|&c| c == 0xA5),
+                "a kernel wrote past the end of allocation {i}"
+            );
+            if let Some(up) = self.uploaded.get(&i) {
+                assert!(
+                    b[..up.len()] == up[..],
+                    "a kernel wrote into uploaded allocation {i}"
+                );
+            }
+        }
+    }
+    fn run_gemm(&mut self, g: &Gemm) {
+        self.gemms += 1;
+        let d = g.dtype;
+        let bias = g.bias.map(|b| self.read(b, d, g.n));
+        for i in 0..g.batch {
+            let off = |p: DevicePtr, stride: usize| p + (i * stride * d.bytes()) as u64;
+            let a = self.read(off(g.a, g.stride_a), d, g.m * g.k);
+            let b = self.read(off(g.b, g.stride_b), d, g.n * g.k);
+            let mut c = vec![0.0f32; g.m * g.n];
+            gemm::linear(&a, g.m, g.k, &b, g.n, bias.as_deref(), &mut c);
+            let cp = off(g.c, g.stride_c);
+            if g.accumulate {
+                let was = self.read(cp, d, g.m * g.n);
+                c.iter_mut().zip(was).for_each(|(c, w)| *c += w);
+            }
+            self.write(cp, d, &c);
+        }
+    }
+}
+
+impl Device for EmulatedDevice<'_> {
+    fn describe(&self) -> String {
+        "host emulation".into()
+    }
+    fn alloc(&mut self, bytes: usize, _what: &str) -> Result<DevicePtr, GpuError> {
+        // Not zeroed (the CUDA device zeroes): a step that reads what no step wrote shows.
+        let mut b = vec![0xCDu8; bytes];
+        b.extend([0xA5; CANARY]);
+        self.blobs.push(b);
+        Ok((self.blobs.len() as u64) << 40)
+    }
+    fn upload(&mut self, dst: DevicePtr, data: &[u8]) -> Result<(), GpuError> {
+        self.flush();
+        let (b, off) = self.at(dst);
+        assert_eq!(off, 0, "uploads fill whole allocations");
+        assert!(data.len() <= self.blobs[b].len() - CANARY);
+        self.blobs[b][..data.len()].copy_from_slice(data);
+        self.uploaded.insert(b, data.to_vec());
+        Ok(())
+    }
+    fn download(&mut self, src: DevicePtr, len: usize) -> Result<Vec<u8>, GpuError> {
+        self.flush();
+        let (b, off) = self.at(src);
+        Ok(self.blobs[b][off..off + len].to_vec())
+    }
+    fn load_kernels(
+        &mut self,
+        kernels: &[cuda::CudaKernel],
+        _ptx: &[String],
+    ) -> Result<(), GpuError> {
+        assert_eq!(
+            kernels.len(),
+            self.emu.kernels,
+            "the emulator holds the plan's kernels"
+        );
+        Ok(())
+    }
+    fn launch(
+        &mut self,
+        kernel: usize,
+        grid: [u32; 3],
+        block: [u32; 3],
+        _shared: u32,
+        args: &[LaunchArg],
+    ) -> Result<(), GpuError> {
+        let args = args
+            .iter()
+            .map(|a| match *a {
+                LaunchArg::Ptr(p) => {
+                    let (b, off) = self.at(p);
+                    Arg::Blob(b, off)
+                }
+                LaunchArg::I32(v) => Arg::Int(v),
+            })
+            .collect();
+        self.enqueue(Op::Launch((kernel, grid, block, args)));
+        Ok(())
+    }
+    fn gemm(&mut self, g: &Gemm) -> Result<(), GpuError> {
+        self.enqueue(Op::Gemm(*g));
+        Ok(())
+    }
+    fn synchronize(&mut self) -> Result<(), GpuError> {
+        self.flush();
+        Ok(())
+    }
+    fn begin_capture(&mut self) -> Result<bool, GpuError> {
+        self.flush();
+        self.recording = Some(vec![]);
+        Ok(true)
+    }
+    fn end_capture(&mut self) -> Result<(), GpuError> {
+        self.graph = self.recording.take();
+        Ok(())
+    }
+    fn replay(&mut self) -> Result<(), GpuError> {
+        let g = self.graph.clone().expect("a captured graph");
+        self.replays += 1;
+        self.queue.extend(g);
+        Ok(())
+    }
+}
+
+/// Runs a single-rank program through the GPU backend's executor on the emulated device,
+/// three times (eager, captured, replayed); every run must give the same outputs.
 fn emulate(
     p: &Program,
     plan: &CudaPlan,
@@ -678,60 +848,33 @@ fn emulate(
     weights: &[Vec<f32>],
     inputs: &[&[f32]],
 ) -> Vec<Vec<f32>> {
-    let mut mem = Memory::new(p, plan, weights, inputs);
-    for (si, step) in p.steps.iter().enumerate() {
-        match plan.steps[si].library {
-            None => {}
-            Some(LibraryOp::Collective) => panic!("single-rank programs have no collectives"),
-            Some(_) => library_step(p, plan, &mut mem, step),
-        }
-        run_launches(emu, p, plan, si, &mut mem, 0, None);
+    let ptx = vec![String::new(); plan.kernels.len()];
+    let mut exec = GpuExecutor::new(
+        Arc::new(p.clone()),
+        Arc::new(plan.clone()),
+        &ptx,
+        weights,
+        EmulatedDevice::new(emu),
+    )
+    .unwrap();
+    let first = exec.run(inputs).unwrap();
+    let eager = (exec.device().launches, exec.device().gemms);
+    let library = plan.steps.iter().filter(|s| s.library.is_some()).count();
+    assert_eq!(
+        eager,
+        (
+            plan.steps.iter().map(|s| s.launches.len()).sum::<usize>(),
+            library
+        ),
+        "one run enqueues every launch and every GEMM once"
+    );
+    for run in 1..3 {
+        assert_eq!(exec.run(inputs).unwrap(), first, "run {run} differs");
     }
-    p.outputs
-        .iter()
-        .map(|(_, v)| mem.read(p, plan, *v))
-        .collect()
-}
-
-fn library_step(p: &Program, plan: &CudaPlan, mem: &mut Memory, step: &Step) {
-    let r = |v: usize| mem.read(p, plan, v);
-    let out_v = step.output();
-    let mut out = vec![0.0f32; p.values[out_v].numel()];
-    match step {
-        Step::Linear {
-            x, w, b, m, k, n, ..
-        } => {
-            let bias = b.map(r);
-            gemm::linear(&r(*x), *m, *k, &r(*w), *n, bias.as_deref(), &mut out)
-        }
-        Step::Conv2d {
-            x,
-            w,
-            b,
-            stride,
-            pad,
-            ..
-        } => {
-            let (xs, ws) = (&p.values[*x].shape, &p.values[*w].shape);
-            conv::conv2d(
-                &r(*x),
-                xs[0],
-                xs[1],
-                xs[2],
-                xs[3],
-                &r(*w),
-                ws[0],
-                ws[2],
-                ws[3],
-                Some(&r(*b)),
-                *stride,
-                *pad,
-                &mut out,
-            )
-        }
-        other => panic!("`{}` is not a library step", other.kind()),
-    }
-    mem.write(p, plan, out_v, &out);
+    assert!(exec.graph_captured());
+    assert_eq!(exec.device().replays, 2, "runs 2 and 3 replay the graph");
+    assert_eq!(exec.device().gemms, 3 * library);
+    first
 }
 
 fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
@@ -1106,6 +1249,42 @@ fn emulated_single_steps_match_the_cpu_backend() {
     let y = b.buffer(&[4, 7]);
     b.step(Step::Embedding { table, idx, out: y });
     b.output(y);
+    // Convolutions (im2col into scratch, the bias, then the batched GEMM): 3 x 3 with
+    // padding over a batch of 2 and a width that is not the height, and a 2 x 2 patch
+    // embedding with stride 2. A linear layer with a bias (the GEMM's epilogue).
+    for (xs, ws, stride, pad) in [
+        ([2, 3, 7, 6], [5, 3, 3, 3], 1, 1),
+        ([1, 4, 8, 8], [6, 4, 2, 2], 2, 0),
+    ] {
+        let x = b.input(&xs);
+        let w = b.weight(&ws);
+        let bias = b.weight(&[ws[0]]);
+        let span = |n: usize, k: usize| (n + 2 * pad - k) / stride + 1;
+        let y = b.buffer(&[xs[0], ws[0], span(xs[2], ws[2]), span(xs[3], ws[3])]);
+        b.step(Step::Conv2d {
+            x,
+            w,
+            b: bias,
+            out: y,
+            stride,
+            pad,
+        });
+        b.output(y);
+    }
+    let x = b.input(&[5, 24]);
+    let w = b.weight(&[7, 24]);
+    let bias = b.weight(&[7]);
+    let y = b.buffer(&[5, 7]);
+    b.step(Step::Linear {
+        x,
+        w,
+        b: Some(bias),
+        out: y,
+        m: 5,
+        k: 24,
+        n: 7,
+    });
+    b.output(y);
 
     let p = b.p;
     let mut inputs = inputs_for(&p, 0x1234_5678_9abc_def1);
@@ -1115,7 +1294,16 @@ fn emulated_single_steps_match_the_cpu_backend() {
     };
     inputs[input_of(t)] = vec![0.0, 17.5, 999.0];
     inputs[input_of(idx)] = vec![3.0, 0.0, 4.0, 1.0];
-    let weights: Vec<Vec<f32>> = vec![(0..35).map(|i| (i as f32 * 0.37).cos()).collect()];
+    let weights: Vec<Vec<f32>> = p
+        .weights
+        .iter()
+        .enumerate()
+        .map(|(w, b)| {
+            (0..b.shape.iter().product::<usize>())
+                .map(|i| (i as f32 * 0.37 + w as f32).cos())
+                .collect()
+        })
+        .collect();
     let bound: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
     let mut cpu = CpuExecutor::new(Arc::new(p.clone()), Arc::new(weights.clone())).unwrap();
     let want = cpu.run(&bound).unwrap();

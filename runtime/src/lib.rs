@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod cpu;
+pub mod gpu;
 pub mod parallel;
 pub mod scheduler;
 
@@ -17,4 +18,6 @@ pub enum RuntimeError {
     Unsupported(String),
     #[error("communication: {0}")]
     Comm(#[from] comm::CommError),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
 }

@@ -36,6 +36,7 @@
 
 mod attention;
 mod cache;
+mod conv;
 mod elementwise;
 mod embed;
 mod emit;
@@ -51,8 +52,8 @@ use thiserror::Error;
 pub use attention::{attention_source, AttentionSpec, HEAD_DIMS};
 pub use cache::{kernel_hash, CacheStats, KernelCache};
 pub use nvrtc::{
-    compile_ptx, cuda_include_dirs, find_nvrtc, nvrtc_version, COMPILE_OPTIONS, CUDA_INCLUDE_ENV,
-    NVRTC_LIB_ENV,
+    compile_ptx, cuda_include_dirs, find_nvrtc, library_search_dirs, nvrtc_version,
+    COMPILE_OPTIONS, CUDA_INCLUDE_ENV, NVRTC_LIB_ENV,
 };
 pub use plan::{cuda_plan, cuda_sources, CudaPlan, KArg, Launch, LibraryOp, StepPlan};
 pub use ptxas::{find_ptxas, ptxas_info, PtxasFunction, PTXAS_ENV};

@@ -61,6 +61,20 @@ fn search_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// Folders where NVIDIA's libraries are looked for, in order: `LD_LIBRARY_PATH`, the CUDA
+/// toolkit (`CUDA_HOME`, ...), `/usr/local/cuda`, and pip's wheels (`nvidia/cu13/lib`,
+/// `nvidia/cublas/lib`, `nvidia/nccl/lib`, ...).
+pub fn library_search_dirs() -> Vec<PathBuf> {
+    let mut dirs = search_dirs();
+    for site in python_site_dirs() {
+        dirs.push(site.join("nvidia/cublas/lib"));
+        dirs.push(site.join("nvidia/nccl/lib"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
+    dirs
+}
+
 /// Python package folders where pip puts NVIDIA's wheels (`nvidia/...`).
 fn python_site_dirs() -> Vec<PathBuf> {
     let mut sites: Vec<PathBuf> = Vec::new();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{self, AttentionSpec};
 use super::elementwise::{self, Elementwise, Emitted, Operand};
 use super::emit::NAME;
-use super::{embed, kernel_hash, layout, norm, CudaError, CudaKernel, StorageDType};
+use super::{conv, embed, kernel_hash, layout, norm, CudaError, CudaKernel, StorageDType};
 use crate::program::{KInstr, MeshAxis, Program, Step, Storage, ValueId};
 
 /// The CUDA side of a Program: its generated kernels and how each step uses them.
@@ -34,7 +34,9 @@ pub struct CudaPlan {
 /// What runs for one step.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepPlan {
-    /// Generated kernels to launch, in order (after the library call for collectives).
+    /// Generated kernels to launch, in order: after the library call for a collective (they
+    /// rearrange what it gathered), before it for a convolution (they write the column
+    /// matrix and the bias the GEMM accumulates onto), otherwise alone.
     pub launches: Vec<Launch>,
     /// Work done by a library or a hand-written kernel of the backend instead.
     pub library: Option<LibraryOp>,
@@ -48,7 +50,9 @@ pub struct StepPlan {
 pub enum LibraryOp {
     /// `Step::Linear`: cuBLASLt (bias in the epilogue).
     Gemm,
-    /// `Step::Conv2d`: implicit GEMM (cuDNN / a CUTLASS-style kernel).
+    /// `Step::Conv2d`, after its launches have written the column matrix `col[N, P, K]`
+    /// (P output pixels, K = Ci·kh·kw) to the scratch and the bias to `out`: a batched GEMM
+    /// accumulating `out[n] (row-major [Co, P]) += W [Co, K] · col[n]ᵀ` for every image n.
     Conv2d,
     /// `Step::SeqAttention`: the flash-attention kernel around the sequence-parallel
     /// exchange (NCCL). A plain `Step::Attention` is a launch of the generated kernel.
@@ -394,7 +398,18 @@ fn step_plan(b: &mut Builder, cx: &Ctx, step: &Step) -> Result<StepPlan, String>
     let p = cx.program;
     Ok(match step {
         Step::Linear { .. } => library(LibraryOp::Gemm),
-        Step::Conv2d { .. } => library(LibraryOp::Conv2d),
+        Step::Conv2d {
+            x,
+            w,
+            b: bias,
+            out,
+            stride,
+            pad,
+        } => StepPlan {
+            launches: conv::conv2d(b, cx, *x, *w, *bias, *out, *stride, *pad)?,
+            library: Some(LibraryOp::Conv2d),
+            scratch_bytes: conv::scratch_bytes(cx, *x, *w, *out),
+        },
         Step::Attention {
             q,
             k,
