@@ -10,6 +10,10 @@ output as `output` into --out.
     python bench/pytorch_forward.py --dir target/bench/pixart-sigma-256 --threads 2 \
         --warmup 1 --iters 3 --out target/bench/torch_out.safetensors \
         --compare target/bench/ditto_out.safetensors
+
+On a GPU: `--device cuda --dtype bfloat16` (eager) and `--compile` (torch.compile of the
+model, compiled during the warm-up runs), timed with CUDA synchronization around each run.
+The model class is the config's `_class_name` (PixArt, DiT, SD3, Flux transformers).
 """
 
 import argparse
@@ -29,6 +33,9 @@ def main() -> int:
     ap.add_argument("--out", help="write diffusers' output here (tensor `output`)")
     ap.add_argument("--compare", help="safetensors with ditto's output (tensor `output`)")
     ap.add_argument("--json", help="also write the result object here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = ap.parse_args()
 
     # Thread pools are sized when torch starts: set the OpenMP/MKL limits before importing
@@ -37,7 +44,7 @@ def main() -> int:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     import torch
-    from diffusers import PixArtTransformer2DModel
+    import diffusers
     from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(args.threads)
@@ -45,42 +52,63 @@ def main() -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass  # already set (only possible once per process)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
 
+    with open(os.path.join(args.dir, "config.json")) as f:
+        class_name = json.load(f)["_class_name"]
+    model_class = getattr(diffusers, class_name)
     t0 = time.perf_counter()
-    model, info = PixArtTransformer2DModel.from_pretrained(
-        args.dir, torch_dtype=torch.float32, output_loading_info=True
+    model, info = model_class.from_pretrained(
+        args.dir, torch_dtype=dtype, output_loading_info=True
     )
+    model = model.to(device).eval()
     load_s = time.perf_counter() - t0
     # Any key diffusers had to initialize itself would make the comparison meaningless.
     bad = {k: v for k, v in info.items() if v}
     if bad:
         print(f"error: checkpoint does not match diffusers' model: {bad}", file=sys.stderr)
         return 1
-    model = model.eval()
 
     io = load_file(os.path.join(args.dir, "io.safetensors"))
     inputs = {k[len("input."):]: v for k, v in io.items() if k.startswith("input.")}
-    kwargs = dict(
-        hidden_states=inputs["hidden_states"],
-        encoder_hidden_states=inputs["encoder_hidden_states"],
-        timestep=inputs["timestep"],
+    kwargs = {}
+    for name, t in inputs.items():
+        if name == "class_labels":
+            t = t.long()
+        elif name not in ("timestep", "img_ids", "txt_ids", "guidance"):
+            t = t.to(dtype)
+        kwargs[name] = t.to(device)
+    if class_name.startswith("PixArt"):
         # What PixArtSigmaPipeline passes when use_additional_conditions is false.
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        return_dict=False,
-    )
+        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    kwargs["return_dict"] = False
+
+    run = torch.compile(model) if args.compile else model
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     times = []
     with torch.inference_mode():
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
-            model(**kwargs)
+            run(**kwargs)
+        sync()
+        warmup_s = time.perf_counter() - t0
         for _ in range(args.iters):
             t0 = time.perf_counter()
-            out = model(**kwargs)[0]
+            out = run(**kwargs)[0]
+            sync()
             times.append(time.perf_counter() - t0)
 
-    out = out.contiguous()
+    out = out.float().cpu().contiguous()
     result = {
-        "engine": "diffusers",
+        "engine": "diffusers" + (" + torch.compile" if args.compile else ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "warmup_s": warmup_s,
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "threads": torch.get_num_threads(),

@@ -87,8 +87,22 @@ impl BenchExecutor {
 pub const PIXART_SIGMA_256_CONFIG: &str =
     include_str!("../assets/bench/pixart-sigma-256/config.json");
 
+/// PixArt-Σ XL/2 at 1024×1024 (`PixArt-alpha/PixArt-Sigma-XL-2-1024-MS`): the 256 px model
+/// with a 128×128 latent (4096 image tokens) and PE interpolation scale 2.
+pub const PIXART_SIGMA_1024_CONFIG: &str =
+    include_str!("../assets/bench/pixart-sigma-1024/config.json");
+
+/// FLUX.1-dev (`black-forest-labs/FLUX.1-dev`): 19 double-stream and 38 single-stream blocks,
+/// 24 heads of 128 (3072 wide), T5 4096-wide text, guidance embedding. At 1024×1024 the
+/// packed latent is 4096 tokens (`--latent-size 64` of 2×2-packed 128×128).
+pub const FLUX_DEV_CONFIG: &str = include_str!("../assets/bench/flux-dev/config.json");
+
 /// Built-in configs accepted in place of a `config.json` path.
-pub const PRESETS: &[(&str, &str)] = &[("pixart-sigma", PIXART_SIGMA_256_CONFIG)];
+pub const PRESETS: &[(&str, &str)] = &[
+    ("pixart-sigma", PIXART_SIGMA_256_CONFIG),
+    ("pixart-sigma-1024", PIXART_SIGMA_1024_CONFIG),
+    ("flux-dev", FLUX_DEV_CONFIG),
+];
 
 /// Standard deviation of the random weights (the usual transformer init scale: activations
 /// stay O(1) through 28 blocks, so the comparison with PyTorch is not on saturated values).
@@ -128,6 +142,9 @@ pub struct ForwardBenchOptions {
     pub weights_out: Option<PathBuf>,
     /// Where the forward pass runs.
     pub backend: Backend,
+    /// Config entries replaced before building (`num_layers` -> `2`: a model of the same
+    /// widths with fewer blocks). Values are JSON.
+    pub overrides: Vec<(String, serde_json::Value)>,
 }
 
 impl Default for ForwardBenchOptions {
@@ -143,6 +160,7 @@ impl Default for ForwardBenchOptions {
             seed: 0,
             weights_out: None,
             backend: Backend::Cpu,
+            overrides: Vec::new(),
         }
     }
 }
@@ -259,12 +277,37 @@ pub fn bench_forward(opts: &ForwardBenchOptions) -> Result<ForwardBenchReport, E
     pool.install(|| bench_in_pool(opts, pool.current_num_threads()))
 }
 
-fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBenchReport, Error> {
+/// The benchmark's checkpoint folder on disk (written unless it already holds the same
+/// random weights) with its inputs, and the shapes they have.
+pub struct BenchModel {
+    pub dir: PathBuf,
+    pub family: Box<dyn ditto_models::family::ModelFamily>,
+    pub shapes: ditto_models::Shapes,
+    pub inputs: Vec<(String, HostTensor)>,
+    /// Seconds spent generating weights (0 when the folder was reused).
+    pub generate_s: f64,
+}
+
+/// Writes (or reuses) the checkpoint folder `opts` describes.
+pub fn bench_model(opts: &ForwardBenchOptions) -> Result<BenchModel, Error> {
     let (config_text, config_label) = resolve_config(&opts.config)?;
-    let config: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| Error::Io {
-        path: config_label.clone(),
-        reason: format!("invalid JSON: {e}"),
-    })?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&config_text).map_err(|e| Error::Io {
+            path: config_label.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?;
+    for (key, value) in &opts.overrides {
+        let obj = config.as_object_mut().ok_or_else(|| Error::Io {
+            path: config_label.clone(),
+            reason: "the config is not a JSON object".into(),
+        })?;
+        if !obj.contains_key(key) {
+            return Err(Error::Input(format!(
+                "--set {key}: {config_label} has no entry `{key}`"
+            )));
+        }
+        obj.insert(key.clone(), value.clone());
+    }
     let family = ditto_models::family::from_config(&config, &config_label)?;
     let mut shapes = family.default_shapes();
     shapes.batch = opts.batch;
@@ -303,6 +346,23 @@ fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBe
     let refs: Vec<(&str, &HostTensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
     write_tensors(&dir.join(IO_FILE), &refs)?;
 
+    Ok(BenchModel {
+        dir,
+        family,
+        shapes,
+        inputs: input_tensors,
+        generate_s,
+    })
+}
+
+fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBenchReport, Error> {
+    let BenchModel {
+        dir,
+        family,
+        shapes,
+        inputs: input_tensors,
+        generate_s,
+    } = bench_model(opts)?;
     let model = Model::load(&dir)?;
     let t0 = Instant::now();
     let compiled = model.compile(&shapes, &CompileOptions::default())?;

@@ -20,6 +20,7 @@
 pub mod analyze;
 pub mod backend;
 pub mod bench;
+pub mod bench_kernels;
 pub mod dist_env;
 mod error;
 #[cfg(unix)]

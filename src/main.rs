@@ -135,9 +135,40 @@ impl TimeoutArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Time one forward pass on the CPU backend with random weights (written as a real
-    /// checkpoint folder, so a reference implementation can load the very same weights).
+    /// Time one forward pass with random weights (written as a real checkpoint folder, so
+    /// a reference implementation can load the very same weights), on the CPU or a GPU.
     Forward(BenchForwardArgs),
+    /// Time every generated CUDA kernel of a model's plan on a GPU: GB/s against the
+    /// device's copy bandwidth, and the flash-attention kernel's TFLOP/s.
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Args)]
+struct BenchKernelsArgs {
+    /// A config.json, or a preset (as for `bench forward`).
+    #[arg(long, default_value = "pixart-sigma-1024")]
+    config: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 300)]
+    text_len: usize,
+    /// Latent height = width (default: the config's sample_size).
+    #[arg(long)]
+    latent_size: Option<usize>,
+    /// Replace a config entry (KEY=JSON), as for `bench forward`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Checkpoint folder (default: the one `bench forward` writes for the same config).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Timed launches per kernel.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Write the table here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -429,6 +460,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Analyze(a) => analyze(a),
         Command::Bench(BenchCommand::Forward(a)) => bench_forward_cmd(a),
+        Command::Bench(BenchCommand::Kernels(a)) => bench_kernels_cmd(a),
         Command::Launch(a) => return launch(a),
     };
     match result {
@@ -1322,7 +1354,9 @@ fn compare_serial(
 
 #[derive(Args)]
 struct BenchForwardArgs {
-    /// A config.json, or a preset: pixart-sigma (PixArt-Σ XL/2 256 px).
+    /// A config.json, or a preset: pixart-sigma (PixArt-Σ XL/2 256 px), pixart-sigma-1024
+    /// (1024 px: --latent-size 128 is its default), flux-dev (FLUX.1-dev; 1024 px is
+    /// --latent-size 64 --text-len 512 --batch 1).
     #[arg(long, default_value = "pixart-sigma")]
     config: PathBuf,
     #[arg(long, default_value_t = 2)]
@@ -1354,8 +1388,26 @@ struct BenchForwardArgs {
     /// A safetensors file whose `output` tensor is the reference to compare against.
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// Replace a config entry, e.g. `--set num_layers=2` (a model of the same widths with
+    /// fewer blocks); the value is JSON. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// `key=value` pairs of `--set`, the value parsed as JSON (a bare word is a string).
+fn config_overrides(set: &[String]) -> Result<Vec<(String, serde_json::Value)>> {
+    set.iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--set `{kv}`: expected KEY=VALUE"))?;
+            let value =
+                serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+            Ok((k.trim().to_string(), value))
+        })
+        .collect()
 }
 
 fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
@@ -1370,6 +1422,7 @@ fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
         seed: a.seed,
         weights_out: a.dir,
         backend: a.device.backend()?,
+        overrides: config_overrides(&a.set)?,
     })?;
     println!("checkpoint: {}", report.model_dir.display());
     print!("{report}");
@@ -1389,6 +1442,45 @@ fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
             path.display(),
             report.output.max_rel_err(want)
         );
+    }
+    Ok(())
+}
+
+fn bench_kernels_cmd(a: BenchKernelsArgs) -> Result<()> {
+    use ditto::codegen::cuda::{cuda_include_dirs, cuda_plan, KernelCache};
+    use ditto::runtime::gpu::CudaDevice;
+    let ditto::Backend::Cuda { ordinal, dtype } = a.device.backend()? else {
+        bail!("bench kernels times CUDA kernels: give --device cuda (or cuda:N)");
+    };
+    let mut device = CudaDevice::new(ordinal)?;
+    let bench = ditto::bench::bench_model(&ditto::bench::ForwardBenchOptions {
+        config: a.config,
+        batch: a.batch,
+        text_len: a.text_len,
+        latent_size: a.latent_size,
+        seed: 0,
+        weights_out: a.dir,
+        overrides: config_overrides(&a.set)?,
+        ..Default::default()
+    })?;
+    let model = Model::load(&bench.dir)?;
+    let program = model
+        .compile(&bench.shapes, &CompileOptions::default())?
+        .program;
+    let plan = cuda_plan(&program, dtype)?;
+    let cache = match ditto::backend::kernel_cache_dir() {
+        Some(d) => KernelCache::with_dir(d),
+        None => KernelCache::new(),
+    };
+    let ptx: Vec<String> = cache
+        .compile(&plan.kernels, &device.arch_name(), &cuda_include_dirs())?
+        .into_iter()
+        .map(|(_, p)| p.to_string())
+        .collect();
+    let report = ditto::bench_kernels::bench_kernels(&mut device, &program, &plan, &ptx, a.reps)?;
+    print!("{report}");
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }

@@ -813,9 +813,14 @@ impl Pipeline {
         };
         let inputs = BTreeMap::from([("latents".to_string(), HostTensor::new(x.shape, data))]);
         let component = || format!("vae of {}", self.source);
+        // The VAE runs on one rank, on the transformer's backend.
+        let vae_opts = RankOptions {
+            backend: self.rank_options.backend,
+            ..RankOptions::default()
+        };
         let (session, _) = self.vae_sessions.get_or_compile(&shapes, || {
             vae.model
-                .ranks(&shapes, &CompileOptions::default(), RankOptions::default())
+                .ranks(&shapes, &CompileOptions::default(), vae_opts)
                 .map_err(|error| PipelineError::model(component(), error))
         })?;
         let (mut out, _) = session

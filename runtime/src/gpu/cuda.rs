@@ -110,21 +110,62 @@ impl CudaDevice {
         format!("sm_{}{}", self.arch.0, self.arch.1)
     }
 
+    /// Milliseconds per call of `work` on this device's stream: one untimed call, then
+    /// `reps` calls between two CUDA events.
+    pub fn time_ms(
+        &mut self,
+        reps: usize,
+        mut work: impl FnMut(&mut Self) -> Result<(), GpuError>,
+    ) -> Result<f64, GpuError> {
+        self.bind()?;
+        work(self)?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = drv::event::create(flags).map_err(driver("cuEventCreate"))?;
+        let end = drv::event::create(flags).map_err(driver("cuEventCreate"));
+        let timed = end.and_then(|end| {
+            // SAFETY: both events and the stream are live; the events are destroyed below.
+            let ms = unsafe {
+                drv::event::record(start, self.stream).map_err(driver("cuEventRecord"))?;
+                for _ in 0..reps.max(1) {
+                    work(self)?;
+                }
+                drv::event::record(end, self.stream).map_err(driver("cuEventRecord"))?;
+                drv::event::synchronize(end).map_err(driver("cuEventSynchronize"))?;
+                drv::event::elapsed(start, end).map_err(driver("cuEventElapsedTime"))
+            };
+            // SAFETY: created above, no longer recorded.
+            let _ = unsafe { drv::event::destroy(end) };
+            ms
+        });
+        // SAFETY: created above, no longer recorded.
+        let _ = unsafe { drv::event::destroy(start) };
+        Ok(timed? as f64 / reps.max(1) as f64)
+    }
+
+    /// Enqueues a device-to-device copy of `bytes` bytes.
+    pub fn copy(&mut self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        // SAFETY: the caller's allocations hold `bytes` bytes each.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(driver("cuMemcpyDtoDAsync"))
+    }
+
     fn bind(&self) -> Result<(), GpuError> {
         // SAFETY: the context lives as long as `self`.
         unsafe { drv::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))
     }
 
     fn gemm_plan(&mut self, g: &Gemm) -> Result<&GemmPlan, GpuError> {
-        // Operands move between calls; the shape, strides, bias and type make the plan.
+        // Operands move between calls; the shape, strides, bias, type and the operands'
+        // alignment make the plan (the key holds each operand's alignment in its place).
+        let align = |p: DevicePtr| 1u64 << p.trailing_zeros().min(8);
         let key = Gemm {
-            a: 0,
-            b: 0,
-            c: 0,
+            a: align(g.a),
+            b: align(g.b),
+            c: align(g.c),
             ..*g
         };
         if !self.gemms.contains_key(&key) {
-            let plan = self.make_gemm_plan(g)?;
+            let plan = self.make_gemm_plan(&key)?;
             self.gemms.insert(key, plan);
         }
         Ok(&self.gemms[&key])
@@ -217,22 +258,24 @@ impl CudaDevice {
             )
         }
         .map_err(blas("workspace preference"))?;
-        // Operands start at allocations (256-byte aligned); later batch entries only as
-        // aligned as their byte stride. cuBLASLt assumes 256 unless told, and an algorithm
-        // chosen for more alignment than the pointers have fails at launch.
-        let align = |stride: usize| -> u32 {
-            let bytes = stride * g.dtype.bytes();
-            if g.batch <= 1 || bytes == 0 {
-                256
+        // `g.a`, `g.b`, `g.c` hold the operands' alignments here (see `gemm_plan`); later
+        // batch entries are only as aligned as their byte stride too. cuBLASLt assumes 256
+        // unless told, and an algorithm chosen for more alignment than the pointers have
+        // fails at launch.
+        let align = |base: u64, stride: usize| -> u32 {
+            let bytes = (stride * g.dtype.bytes()) as u64;
+            let a = if g.batch <= 1 || bytes == 0 {
+                base
             } else {
-                (1u32 << bytes.trailing_zeros().min(8)).min(256)
-            }
+                base.min(1 << bytes.trailing_zeros().min(8))
+            };
+            a.min(256) as u32
         };
         for (attr, a) in [
-            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align(g.stride_b)),
-            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align(g.stride_a)),
-            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align(g.stride_c)),
-            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align(g.stride_c)),
+            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align(g.b, g.stride_b)),
+            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align(g.a, g.stride_a)),
+            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align(g.c, g.stride_c)),
+            (lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align(g.c, g.stride_c)),
         ] {
             // SAFETY: `pref` is live; the value is a uint32_t.
             unsafe { lt::set_matmul_pref_attribute(pref, attr, &a as *const u32 as *const c_void, 4) }
@@ -371,6 +414,24 @@ impl Device for CudaDevice {
     }
 
     fn gemm(&mut self, g: &Gemm) -> Result<(), GpuError> {
+        if g.batch > 1 && [g.stride_a, g.stride_b, g.stride_c].contains(&0) {
+            // A shared operand (a convolution's weight): one GEMM per batch entry, as
+            // cuBLASLt's strided batches are documented for distinct matrices only.
+            let bytes = g.dtype.bytes() as u64;
+            for i in 0..g.batch as u64 {
+                self.gemm(&Gemm {
+                    batch: 1,
+                    a: g.a + i * (g.stride_a as u64) * bytes,
+                    b: g.b + i * (g.stride_b as u64) * bytes,
+                    c: g.c + i * (g.stride_c as u64) * bytes,
+                    stride_a: 0,
+                    stride_b: 0,
+                    stride_c: 0,
+                    ..*g
+                })?;
+            }
+            return Ok(());
+        }
         let (handle, stream, workspace) = (self.blas, self.stream, self.workspace);
         let plan = self.gemm_plan(g)?;
         let alpha = 1.0f32;

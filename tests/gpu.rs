@@ -1,0 +1,216 @@
+//! The CUDA backend on a GPU: every fixture model's forward pass and every pipeline
+//! fixture's denoising loop on the GPU against the CPU backend (f32 storage: max relative
+//! error 1e-4; bf16: 2e-2 per forward pass, 5e-2 after a whole loop and the VAE), and CUDA
+//! graph replay giving the eager run's outputs bit for bit.
+//!
+//! Without a GPU (no NVIDIA driver, or no device) every test says why it skipped, unless
+//! `DITTO_REQUIRE_GPU` is set: then it fails, so a GPU run cannot pass by skipping.
+//! Build with `cargo test --release --test gpu --no-run` and run the binary on the GPU
+//! machine (see `bench/gpu/check.sh`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ditto::codegen::cuda::StorageDType;
+use ditto::parallel::RankOptions;
+use ditto::runtime::gpu::libraries::{require, Library};
+use ditto::runtime::gpu::{CudaDevice, GpuExecutor};
+use ditto::{
+    Backend, CompileOptions, GenerateRequest, HostTensor, Model, Noise, Pipeline, PromptEmbeds,
+    Session, TimestepSchedule,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Whether a GPU is here; `false` (the test skips, saying why) unless `DITTO_REQUIRE_GPU`
+/// is set, which turns a missing GPU into a failure.
+fn gpu_or_skip() -> bool {
+    let required = std::env::var_os("DITTO_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0");
+    let found = require(Library::Driver).and_then(|_| CudaDevice::new(0).map(drop));
+    match found {
+        Ok(()) => true,
+        Err(e) if required => panic!("DITTO_REQUIRE_GPU is set but there is no usable GPU: {e}"),
+        Err(e) => {
+            eprintln!("skipped: no GPU ({e})");
+            false
+        }
+    }
+}
+
+fn cuda(dtype: StorageDType) -> Backend {
+    Backend::Cuda { ordinal: 0, dtype }
+}
+
+/// Allowed max relative error of one forward pass with `dtype` storage.
+fn forward_tol(dtype: StorageDType) -> f32 {
+    match dtype {
+        StorageDType::F32 => 1e-4,
+        _ => 2e-2,
+    }
+}
+
+fn forward_inputs(name: &str) -> BTreeMap<String, HostTensor> {
+    ditto::read_tensors(&fixture(name).join("io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("input.").map(|k| (k.to_string(), v)))
+        .collect()
+}
+
+#[test]
+fn fixture_forward_passes_match_the_cpu_backend() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let mut table = Vec::new();
+    for name in ["dit", "pixart", "sd3", "flux", "vae"] {
+        let model = Model::load(fixture(name)).unwrap();
+        let inputs = forward_inputs(name);
+        let shapes: BTreeMap<String, Vec<usize>> = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shape.clone()))
+            .collect();
+        let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
+        let program = Arc::new(
+            model
+                .compile(&shapes, &CompileOptions::default())
+                .unwrap()
+                .program,
+        );
+        let weights = model.load_weights(&program).unwrap();
+        let want = Session::new(program.clone(), weights.clone())
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        for dtype in [StorageDType::F32, StorageDType::Bf16, StorageDType::F16] {
+            let mut gpu = Session::on(cuda(dtype), program.clone(), weights.clone())
+                .unwrap_or_else(|e| panic!("{name} {dtype}: {e}"));
+            let got = gpu
+                .run(&inputs)
+                .unwrap_or_else(|e| panic!("{name} {dtype}: {e}"));
+            let err = got
+                .iter()
+                .map(|(k, v)| v.max_rel_err(&want[k]))
+                .fold(0.0f32, f32::max);
+            table.push(format!("{name:>7} {dtype:>5}: max rel err {err:.2e}"));
+            // f16 is reported, not held to a bound: its 5-bit exponent may overflow on
+            // activations a real checkpoint keeps small.
+            if dtype != StorageDType::F16 {
+                assert!(err <= forward_tol(dtype), "{name} {dtype}: {err:e}");
+            }
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+}
+
+#[test]
+fn graph_replay_gives_the_eager_outputs() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = Model::load(fixture("pixart")).unwrap();
+    let inputs = forward_inputs("pixart");
+    let shapes: BTreeMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
+    let program = Arc::new(
+        model
+            .compile(&shapes, &CompileOptions::default())
+            .unwrap()
+            .program,
+    );
+    let weights = model.load_weights(&program).unwrap();
+    let mut exec: GpuExecutor<CudaDevice> =
+        ditto::backend::cuda_executor(program.clone(), &weights, 0, StorageDType::Bf16).unwrap();
+    let bound: Vec<&[f32]> = program
+        .inputs
+        .iter()
+        .map(|b| inputs[&b.name].data.as_slice())
+        .collect();
+    let eager = exec.run(&bound).unwrap();
+    for run in 1..4 {
+        assert_eq!(exec.run(&bound).unwrap(), eager, "run {run}");
+    }
+    assert!(
+        exec.graph_captured(),
+        "runs 3 and 4 replay the captured graph"
+    );
+    let m = exec.memory();
+    eprintln!(
+        "pixart fixture on {}: weights {} B, activations {} B (planned), scratch {} B",
+        ditto::runtime::gpu::Device::describe(exec.device()),
+        m.weights,
+        m.buffers,
+        m.scratch
+    );
+}
+
+fn loop_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("loop.json")).unwrap()).unwrap()
+}
+
+/// The final latents and image of a pipeline fixture's loop on `backend`.
+fn run_pipeline(name: &str, backend: Backend) -> (HostTensor, HostTensor) {
+    let dir = fixture(name);
+    let meta = loop_json(&dir);
+    let reference = ditto::read_tensors(&dir.join("loop.safetensors")).unwrap();
+    let mut pipe = Pipeline::load(&dir)
+        .unwrap()
+        .with_rank_options(RankOptions {
+            backend,
+            ..RankOptions::default()
+        });
+    let mut req = match meta["family"].as_str() {
+        Some("dit") => {
+            GenerateRequest::classes(vec![meta["class_label"].as_u64().unwrap() as usize])
+        }
+        _ => GenerateRequest::prompt(PromptEmbeds::read(&dir.join("prompt.safetensors")).unwrap()),
+    };
+    req = req
+        .with_noise(Noise::Latents(reference["latents.0"].clone()))
+        .with_steps(meta["steps"].as_u64().unwrap() as usize);
+    req = match meta["guidance_scale"].as_f64() {
+        Some(g) => req.with_guidance(g as f32),
+        None => req
+            .with_guidance(3.5)
+            .with_timesteps(TimestepSchedule::Scheduler),
+    };
+    let out = pipe
+        .generate(&req)
+        .unwrap_or_else(|e| panic!("{name} on {backend}: {e}"));
+    (out.latents, out.image)
+}
+
+#[test]
+fn pipeline_fixtures_match_the_cpu_backend() {
+    if !gpu_or_skip() {
+        return;
+    }
+    for name in [
+        "dit-pipeline",
+        "pixart-pipeline",
+        "sd3-pipeline",
+        "flux-pipeline",
+    ] {
+        let (want_latents, want_image) = run_pipeline(name, Backend::Cpu);
+        for (dtype, tol) in [(StorageDType::F32, 1e-4f32), (StorageDType::Bf16, 5e-2)] {
+            let (latents, image) = run_pipeline(name, cuda(dtype));
+            let (el, ei) = (
+                latents.max_rel_err(&want_latents),
+                image.max_rel_err(&want_image),
+            );
+            eprintln!("{name:>16} {dtype:>5}: latents {el:.2e}, image {ei:.2e}");
+            assert!(
+                el <= tol && ei <= tol,
+                "{name} {dtype}: latents {el:e}, image {ei:e}"
+            );
+        }
+    }
+}
