@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ditto_codegen::cuda::{cuda_include_dirs, cuda_plan, KernelCache, StorageDType};
+use ditto_codegen::cuda::{cuda_include_dirs, cuda_plan, CudaPlan, KernelCache, StorageDType};
 use ditto_codegen::Program;
+use ditto_runtime::comm::Communicator;
 use ditto_runtime::gpu::{CudaDevice, GpuExecutor};
 
 use crate::Error;
@@ -81,19 +82,38 @@ pub fn cuda_executor(
     ordinal: usize,
     dtype: StorageDType,
 ) -> Result<GpuExecutor<CudaDevice>, Error> {
+    let (device, plan, ptx) = prepare(&program, ordinal, dtype)?;
+    Ok(GpuExecutor::new(program, plan, &ptx, weights, device)?)
+}
+
+/// [`cuda_executor`] for rank `rank` of a multi-rank program, with its communicator.
+pub fn cuda_executor_with_comm(
+    program: Arc<Program>,
+    weights: &[Vec<f32>],
+    ordinal: usize,
+    dtype: StorageDType,
+    rank: usize,
+    comm: Box<dyn Communicator>,
+) -> Result<GpuExecutor<CudaDevice>, Error> {
+    let (device, plan, ptx) = prepare(&program, ordinal, dtype)?;
+    Ok(GpuExecutor::with_comm(
+        program, plan, &ptx, weights, device, rank, comm,
+    )?)
+}
+
+/// The opened device, the program's plan and its kernels' PTX for that device.
+fn prepare(
+    program: &Program,
+    ordinal: usize,
+    dtype: StorageDType,
+) -> Result<(CudaDevice, Arc<CudaPlan>, Vec<String>), Error> {
     let device = CudaDevice::new(ordinal)?;
-    let plan = cuda_plan(&program, dtype)?;
+    let plan = cuda_plan(program, dtype)?;
     let cache = match kernel_cache_dir() {
         Some(d) => KernelCache::with_dir(d),
         None => KernelCache::new(),
     };
     let ptx = cache.compile(&plan.kernels, &device.arch_name(), &cuda_include_dirs())?;
     let ptx: Vec<String> = ptx.into_iter().map(|(_, p)| p.to_string()).collect();
-    Ok(GpuExecutor::new(
-        program,
-        Arc::new(plan),
-        &ptx,
-        weights,
-        device,
-    )?)
+    Ok((device, Arc::new(plan), ptx))
 }

@@ -212,6 +212,51 @@ impl DeviceArgs {
     fn backend(&self) -> Result<ditto::Backend> {
         Ok(ditto::Backend::parse(&self.device, &self.dtype)?)
     }
+
+    /// The backend of this process: under a launcher, a plain `cuda` is the node's GPU
+    /// LOCAL_RANK (modulo the GPUs there, so ranks share a GPU when there are fewer GPUs
+    /// than ranks); `cuda:N` is GPU N whatever the rank.
+    fn backend_for(&self, env: Option<&DistEnv>) -> Result<ditto::Backend> {
+        let backend = self.backend()?;
+        match (backend, env) {
+            (ditto::Backend::Cuda { dtype, .. }, Some(env)) if self.device == "cuda" => {
+                let count = ditto::runtime::gpu::CudaDevice::count()?;
+                Ok(ditto::Backend::Cuda {
+                    ordinal: env.local_rank % count.max(1),
+                    dtype,
+                })
+            }
+            _ => Ok(backend),
+        }
+    }
+
+    /// Refuses what the GPU backend does not run, before any rank meets another.
+    fn check_gpu_layout(
+        &self,
+        parallel: &ditto::Parallel,
+        pipefusion: bool,
+        env: Option<&DistEnv>,
+    ) -> Result<()> {
+        if self.backend()? == ditto::Backend::Cpu {
+            return Ok(());
+        }
+        if pipefusion || parallel.stale.is_some() {
+            bail!(
+                "--device {}: DistriFusion and PipeFusion keep activations across steps on the \
+                 CPU backend only for now (use --device cpu)",
+                self.device
+            );
+        }
+        let world = parallel.mesh.world_size();
+        if world > 1 && env.is_none() {
+            bail!(
+                "--device {} over {world} ranks runs one process per rank: `ditto launch \
+                 --nproc-per-node {world} -- <this command>` (or torchrun-style variables)",
+                self.device
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Clone)]
@@ -492,6 +537,7 @@ fn caused_by_peer(e: &anyhow::Error) -> bool {
     fn ditto_error(e: &ditto::Error) -> bool {
         match e {
             ditto::Error::Runtime(RuntimeError::Comm(c)) => comm(c),
+            ditto::Error::Gpu(ditto::runtime::gpu::GpuError::Comm(c)) => comm(c),
             ditto::Error::Pipeline(p) => pipeline_error(p),
             _ => false,
         }
@@ -557,6 +603,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
         .collect();
     let shapes = model.family().shapes_from_inputs(&shapes)?;
     let parallel = a.parallel.resolve(&model, &shapes, env.as_ref())?;
+    a.device.check_gpu_layout(&parallel, false, env.as_ref())?;
+    let backend = a.device.backend_for(env.as_ref())?;
     let member = join_run(env, &parallel, 1, timeout)?;
     let opts = CompileOptions {
         block_outputs: a.block_outputs,
@@ -566,7 +614,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let rank_opts = RankOptions {
         timeout,
         comm: member.as_ref().map(|m| m.comm.clone()),
-        backend: a.device.backend()?,
+        backend,
     };
     let result = forward_run(&a, &model, &shapes, &opts, rank_opts, &inputs, leader, t0);
     leave_run(member, result)
@@ -1030,16 +1078,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .with_parallel(parallel.clone())
         .with_cache(a.cache.clone());
     let pipefusion = a.pipefusion.layout(a.parallel.warmup_steps)?;
-    let backend = a.device.backend()?;
-    if backend != ditto::Backend::Cpu
-        && (pipefusion.is_some() || parallel.mesh.world_size() > 1 || env.is_some())
-    {
-        bail!(
-            "--device {} runs single-rank generation only for now: drop the parallel degrees \
-             (and PipeFusion), or use --device cpu",
-            a.device.device
-        );
-    }
+    a.device
+        .check_gpu_layout(&parallel, pipefusion.is_some(), env.as_ref())?;
+    let backend = a.device.backend_for(env.as_ref())?;
     if pipefusion.is_some() {
         if a.parallel.distrifusion_degree.is_some() {
             bail!(

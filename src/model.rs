@@ -23,7 +23,7 @@ use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
 use ditto_runtime::gpu::{CudaDevice, GpuExecutor};
 use ditto_runtime::parallel::stale::StaleState;
 
-use crate::backend::{cuda_executor, Backend};
+use crate::backend::{cuda_executor, cuda_executor_with_comm, Backend};
 use crate::parallel::{RankOptions, Ranks};
 use crate::Error;
 
@@ -421,6 +421,26 @@ impl Session {
         }
     }
 
+    /// Rank `rank` of a multi-rank program on `backend`, talking to the others through
+    /// `comm` (on the GPU, staged through the host: see `ditto_runtime::gpu`).
+    pub fn with_comm_on(
+        backend: Backend,
+        program: Arc<Program>,
+        weights: Weights,
+        rank: usize,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Session, Error> {
+        match backend {
+            Backend::Cpu => Self::with_comm(program, weights, rank, comm),
+            Backend::Cuda { ordinal, dtype } => Ok(Session {
+                executor: Executor::Cuda(Box::new(cuda_executor_with_comm(
+                    program, &weights, ordinal, dtype, rank, comm,
+                )?)),
+                stale: None,
+            }),
+        }
+    }
+
     /// Rank `rank` of a multi-rank program, talking to the others through `comm`.
     pub fn with_comm(
         program: Arc<Program>,
@@ -435,7 +455,7 @@ impl Session {
     pub fn comm_stats(&self) -> Option<&CommStats> {
         match &self.executor {
             Executor::Cpu(e) => e.comm_stats(),
-            Executor::Cuda(_) => None,
+            Executor::Cuda(e) => e.comm_stats(),
         }
     }
 

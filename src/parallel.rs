@@ -315,10 +315,11 @@ impl Ranks {
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<(BTreeMap<String, HostTensor>, RankStats), Error> {
         let world = self.program.mesh.world_size();
-        if world > 1 && self.opts.backend != Backend::Cpu {
+        if world > 1 && self.opts.backend != Backend::Cpu && self.opts.comm.is_none() {
             return Err(Error::Input(format!(
-                "a program over {world} ranks cannot run on {}: the GPU backend runs \
-                 single-rank programs only for now (drop the parallel degrees, or use --device cpu)",
+                "a program over {world} ranks on {} runs one process per rank (`ditto launch \
+                 --nproc-per-node {world} -- ...`, or torchrun-style variables); in one process \
+                 it runs on the CPU backend (--device cpu)",
                 self.opts.backend
             )));
         }
@@ -392,7 +393,8 @@ impl Ranks {
         }
         if self.single.is_none() {
             let handle = Box::new(comm.clone());
-            self.single = Some(Session::with_comm(
+            self.single = Some(Session::with_comm_on(
+                self.opts.backend,
                 self.program.clone(),
                 self.weights.clone(),
                 rank,

@@ -302,7 +302,8 @@ fn cuda_device_errors_name_their_cause() {
         assert!(!ok && err.contains(says), "{flags:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    // Parallel programs stay on the CPU backend for now, and say so before anything runs.
+    // On the GPU, a parallel program runs one process per rank; in one process it says so
+    // before anything runs. DistriFusion stays on the CPU backend.
     let (ok, _, err) = ditto(&[
         "generate",
         "--device",
@@ -312,7 +313,20 @@ fn cuda_device_errors_name_their_cause() {
         "--out",
         p(&tmp.path().join("g.png")),
     ]);
-    assert!(!ok && err.contains("single-rank"), "{err}");
+    assert!(
+        !ok && err.contains("one process per rank") && err.contains("ditto launch"),
+        "{err}"
+    );
+    let (ok, _, err) = ditto(&[
+        "generate",
+        "--device",
+        "cuda",
+        "--distrifusion-degree",
+        "2",
+        "--out",
+        p(&tmp.path().join("g.png")),
+    ]);
+    assert!(!ok && err.contains("CPU backend only"), "{err}");
     // Without the NVIDIA driver (CI), the GPU backend names the missing library instead of
     // panicking in cudarc; with one, the forward pass runs.
     use ditto::runtime::gpu::libraries::{require, Library};

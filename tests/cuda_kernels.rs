@@ -496,11 +496,18 @@ impl Emulator {
                 }
             }
         }
-        let (rq, rs) = (self.dir.join("request.bin"), self.dir.join("response.bin"));
+        // Ranks on threads share the emulator: each call its own files.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (rq, rs) = (
+            self.dir.join(format!("request{call}.bin")),
+            self.dir.join(format!("response{call}.bin")),
+        );
         std::fs::write(&rq, &req).unwrap();
         let st = Command::new(&self.exe).arg(&rq).arg(&rs).status().unwrap();
         assert!(st.success(), "emulated launch failed: {st}");
         let resp = std::fs::read(&rs).unwrap();
+        let _ = (std::fs::remove_file(&rq), std::fs::remove_file(&rs));
         let mut at = 0;
         for b in blobs.iter_mut() {
             let n = b.len();
@@ -638,11 +645,13 @@ fn run_launches(
 /// kernel may touch), generated kernels run in the emulator, GEMMs on the CPU backend's
 /// `gemm` (f32 accumulation, the result rounded to the storage type, as cuBLASLt does).
 /// Work is queued as on a stream and runs at the next GEMM, download or synchronize;
-/// capture records the queue for replay. Uploaded allocations (weights, inputs) are
-/// checked unchanged after every batch of launches: no kernel writes what it reads.
+/// capture records the queue for replay. The first `read_only` allocations (the
+/// executor's weights and inputs, which it allocates first) are checked unchanged since
+/// their upload after every batch of launches: no kernel writes what it reads.
 struct EmulatedDevice<'a> {
     emu: &'a Emulator,
     blobs: Vec<Vec<u8>>,
+    read_only: usize,
     uploaded: BTreeMap<usize, Vec<u8>>,
     queue: Vec<Op>,
     recording: Option<Vec<Op>>,
@@ -660,10 +669,11 @@ enum Op {
 }
 
 impl<'a> EmulatedDevice<'a> {
-    fn new(emu: &'a Emulator) -> Self {
+    fn new(emu: &'a Emulator, p: &Program) -> Self {
         EmulatedDevice {
             emu,
             blobs: vec![],
+            read_only: p.weights.len() + p.inputs.len(),
             uploaded: BTreeMap::new(),
             queue: vec![],
             recording: None,
@@ -773,7 +783,9 @@ impl Device for EmulatedDevice<'_> {
         assert_eq!(off, 0, "uploads fill whole allocations");
         assert!(data.len() <= self.blobs[b].len() - CANARY);
         self.blobs[b][..data.len()].copy_from_slice(data);
-        self.uploaded.insert(b, data.to_vec());
+        if b < self.read_only {
+            self.uploaded.insert(b, data.to_vec());
+        }
         Ok(())
     }
     fn download(&mut self, src: DevicePtr, len: usize) -> Result<Vec<u8>, GpuError> {
@@ -854,7 +866,7 @@ fn emulate(
         Arc::new(plan.clone()),
         &ptx,
         weights,
-        EmulatedDevice::new(emu),
+        EmulatedDevice::new(emu, p),
     )
     .unwrap();
     let first = exec.run(inputs).unwrap();
@@ -935,6 +947,101 @@ fn emulate_fixture(name: &str, dtype: StorageDType) -> Option<f32> {
         .fold(0.0f32, f32::max);
     eprintln!("{name} {dtype}: emulated GPU vs CPU max relative error {err:.2e}");
     Some(err)
+}
+
+/// Every transformer fixture split over a 2 x 2 Ulysses x Ring mesh, and CFG 2 x Ring 2
+/// where its batch is a CFG pair: four executors on
+/// emulated devices, one per rank on threads, with the in-process communicator (the
+/// all-gathers and sequence-parallel attention staged through the host), against the
+/// serial CPU run.
+#[test]
+fn emulated_multi_rank_programs_match_the_serial_cpu_run() {
+    use ditto::runtime::comm::{run_ranks, Communicator};
+    for &name in &FAMILIES[..4] {
+        let (model, inputs, shapes) = load(name);
+        let serial = model
+            .compile(&shapes, &CompileOptions::default())
+            .unwrap()
+            .program;
+        // USP 2 x 2 for every family; CFG 2 x Ring 2 where the batch is a CFG pair.
+        let mut meshes = vec![Mesh {
+            cfg: 1,
+            ring: 2,
+            ulysses: 2,
+        }];
+        if shapes.batch % 2 == 0 {
+            meshes.push(Mesh {
+                cfg: 2,
+                ring: 2,
+                ulysses: 1,
+            });
+        }
+        for mesh in meshes {
+            let opts = CompileOptions {
+                parallel: Parallel {
+                    mesh,
+                    ..Parallel::default()
+                },
+                ..CompileOptions::default()
+            };
+            let usp = Arc::new(model.compile(&shapes, &opts).unwrap().program);
+            let bind = |p: &Program| -> Vec<Vec<f32>> {
+                p.inputs
+                    .iter()
+                    .map(|b| inputs[&b.name].data.clone())
+                    .collect()
+            };
+            let serial_inputs = bind(&serial);
+            let serial_bound: Vec<&[f32]> = serial_inputs.iter().map(|v| v.as_slice()).collect();
+            let weights = model.load_weights(&serial).unwrap();
+            let want = CpuExecutor::new(Arc::new(serial.clone()), weights)
+                .unwrap()
+                .run(&serial_bound)
+                .unwrap();
+            let weights = model.load_weights(&usp).unwrap();
+            let usp_inputs = bind(&usp);
+            for (dtype, tol) in [(StorageDType::F32, 1e-4f32), (StorageDType::Bf16, 3e-2)] {
+                let plan = Arc::new(cuda_plan(&usp, dtype).unwrap());
+                let Some((emu, _dir)) = emulator_or_skip(&plan, name) else {
+                    return;
+                };
+                let ptx = vec![String::new(); plan.kernels.len()];
+                let outs = run_ranks(4, std::time::Duration::from_secs(300), |comm| {
+                    let rank = comm.rank();
+                    let bound: Vec<&[f32]> = usp_inputs.iter().map(|v| v.as_slice()).collect();
+                    let mut e = GpuExecutor::with_comm(
+                        usp.clone(),
+                        plan.clone(),
+                        &ptx,
+                        &weights,
+                        EmulatedDevice::new(&emu, &usp),
+                        rank,
+                        Box::new(comm),
+                    )?;
+                    let out = e.run(&bound)?;
+                    let sent = e.comm_stats().map_or(0, |s| s.total_bytes());
+                    Ok::<_, GpuError>((out, sent, e.parallel_stats().seq_attentions))
+                })
+                .unwrap_or_else(|e| panic!("{name} {dtype}: {e}"));
+                for (rank, (out, sent, attentions)) in outs.iter().enumerate() {
+                    let err = out
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| max_rel_err(g, w))
+                        .fold(0.0f32, f32::max);
+                    eprintln!(
+                        "{name} {mesh:?} {dtype} rank {rank}: max rel err {err:.2e} vs serial, \
+                     {sent} bytes sent, {attentions} parallel attentions"
+                    );
+                    assert!(err < tol, "{name} {mesh:?} {dtype} rank {rank}: {err:e}");
+                    assert!(
+                        *sent > 0 && *attentions > 0,
+                        "{name}: the ranks communicated"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

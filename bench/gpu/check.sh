@@ -5,7 +5,8 @@
 #   bench/gpu/check.sh OUTDIR
 #
 # 1. parity: the gpu test binary (every fixture model and pipeline on the GPU vs the CPU
-#    backend, f32 / bf16 / f16; CUDA graph replay);
+#    backend, f32 / bf16 / f16; CUDA graph replay; four ranks of a USP program on the one
+#    GPU), and a 2-process `ditto launch` run on the GPU against the CPU;
 # 2. forward benchmarks, ditto vs diffusers eager vs torch.compile on the same GPU, same
 #    random weights (the checkpoint folder ditto writes), same inputs, bf16:
 #    PixArt-Σ at 1024 px (4096 tokens, CFG batch 2, 300 text tokens) and Flux-dev's widths
@@ -37,6 +38,14 @@ section() { echo; echo "== $1 ($(date +%T))"; }
 
 section parity
 DITTO_REQUIRE_GPU=1 timeout 240 .device/gpu-tests --nocapture --test-threads 1 2>&1 | tee "$OUT/parity.txt"
+
+section "multi-process: ditto launch, 2 ranks (Ulysses 2) on the GPU vs the CPU"
+fx=tests/fixtures/pixart
+$BIN forward --model $fx --inputs $fx/io.safetensors --out "$OUT/mp-cpu.safetensors"
+timeout 180 $BIN launch --nproc-per-node 2 -- forward --device cuda --dtype f32 \
+    --ulysses-degree 2 --model $fx --inputs $fx/io.safetensors --out "$OUT/mp-cuda.safetensors" \
+    && python3 bench/gpu/compare.py "$OUT/mp-cuda.safetensors" "$OUT/mp-cpu.safetensors" 1e-4 \
+    2>&1 | tee "$OUT/multiprocess.txt"
 
 # One model: ditto, then diffusers eager, then torch.compile, on ditto's checkpoint.
 bench_model() {

@@ -100,6 +100,13 @@ impl CudaDevice {
         Ok(d)
     }
 
+    /// GPUs on this machine.
+    pub fn count() -> Result<usize, GpuError> {
+        libraries::require(Library::Driver)?;
+        drv::init().map_err(driver("cuInit"))?;
+        Ok(drv::device::get_count().map_err(driver("cuDeviceGetCount"))? as usize)
+    }
+
     /// The GPU's compute capability, e.g. (9, 0) for an H100.
     pub fn arch(&self) -> (i32, i32) {
         self.arch

@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use ditto_codegen::cuda::{CudaPlan, KArg, LibraryOp};
-use ditto_codegen::{Program, Step, Storage, ValueId};
+use ditto_codegen::{Program, SeqMethod, Step, Storage, ValueId};
 
 use super::device::{Device, DevicePtr, Gemm, LaunchArg};
 use super::{decode, encode, GpuError};
+use crate::comm::{CommStats, Communicator, Group};
+use crate::parallel::{self, ParallelStats, RankCtx, SeqAttn};
 
 /// Device memory of an executor, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,11 +38,21 @@ enum Graph {
     Never,
 }
 
-/// Executes a single-rank Program and its [`CudaPlan`] on a device.
+/// Executes one rank of a Program and its [`CudaPlan`] on a device.
+///
+/// A multi-rank program's communication is staged through the host for now: an all-gather
+/// downloads the rank's rows, exchanges them with the communicator (in-process or TCP) and
+/// uploads the result for the plan's launches; sequence-parallel attention (Ulysses, Ring,
+/// USP) runs the CPU backend's exchange and attention on the downloaded q, k, v. That is
+/// exact, and it is what NCCL on the device replaces; such programs are not captured as a
+/// graph (the host takes part in every step).
 pub struct GpuExecutor<D: Device> {
     program: Arc<Program>,
     plan: Arc<CudaPlan>,
     device: D,
+    rank: usize,
+    comm: Option<Box<dyn Communicator>>,
+    parallel_stats: ParallelStats,
     inputs: Vec<DevicePtr>,
     weights: Vec<DevicePtr>,
     buffers: Vec<DevicePtr>,
@@ -79,9 +91,54 @@ impl<D: Device> GpuExecutor<D> {
         plan: Arc<CudaPlan>,
         ptx: &[String],
         weights: &[Vec<f32>],
+        device: D,
+    ) -> Result<Self, GpuError> {
+        if program.mesh.world_size() != 1 {
+            return Err(GpuError::Unsupported(format!(
+                "a program over {} ranks (cfg {} x ring {} x ulysses {}) runs one executor per \
+                 rank, each with its communicator (GpuExecutor::with_comm)",
+                program.mesh.world_size(),
+                program.mesh.cfg,
+                program.mesh.ring,
+                program.mesh.ulysses
+            )));
+        }
+        Self::build(program, plan, ptx, weights, device, 0, None)
+    }
+
+    /// Rank `rank` of a multi-rank program, talking to the others through `comm`.
+    pub fn with_comm(
+        program: Arc<Program>,
+        plan: Arc<CudaPlan>,
+        ptx: &[String],
+        weights: &[Vec<f32>],
+        device: D,
+        rank: usize,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self, GpuError> {
+        let world = program.mesh.world_size();
+        if rank >= world || comm.world_size() != world {
+            return Err(GpuError::Input(format!(
+                "rank {rank} with a communicator of {} ranks, for a program over {world}",
+                comm.world_size()
+            )));
+        }
+        Self::build(program, plan, ptx, weights, device, rank, Some(comm))
+    }
+
+    fn build(
+        program: Arc<Program>,
+        plan: Arc<CudaPlan>,
+        ptx: &[String],
+        weights: &[Vec<f32>],
         mut device: D,
+        rank: usize,
+        comm: Option<Box<dyn Communicator>>,
     ) -> Result<Self, GpuError> {
         check_plan(&program, &plan)?;
+        for step in &program.steps {
+            parallel::validate(&program, step).map_err(|e| GpuError::Plan(e.to_string()))?;
+        }
         if ptx.len() != plan.kernels.len() {
             return Err(GpuError::Plan(format!(
                 "{} kernels but {} PTX modules",
@@ -134,16 +191,30 @@ impl<D: Device> GpuExecutor<D> {
         let scratch = device.alloc(memory.scratch.max(16), "step scratch")?;
         device.load_kernels(&plan.kernels, ptx)?;
         device.synchronize()?;
+        // The host takes part in a communicating step: such programs run eagerly.
+        let communicates = plan.steps.iter().any(|s| {
+            matches!(
+                s.library,
+                Some(LibraryOp::Collective | LibraryOp::Attention)
+            )
+        });
         Ok(GpuExecutor {
             program,
             plan,
             device,
+            rank,
+            comm,
+            parallel_stats: ParallelStats::default(),
+            graph: if communicates {
+                Graph::Never
+            } else {
+                Graph::Eager(0)
+            },
             inputs: iptr,
             weights: wptr,
             buffers: bptr,
             scratch,
             memory,
-            graph: Graph::Eager(0),
         })
     }
 
@@ -173,13 +244,34 @@ impl<D: Device> GpuExecutor<D> {
         self.memory
     }
 
+    /// Bytes this rank sent, per collective (multi-rank executors).
+    pub fn comm_stats(&self) -> Option<&CommStats> {
+        self.comm.as_deref().map(|c| c.stats())
+    }
+
+    /// Counters of the sequence-parallel attentions run so far.
+    pub fn parallel_stats(&self) -> ParallelStats {
+        self.parallel_stats
+    }
+
     /// Whether the steps now replay as a captured graph.
     pub fn graph_captured(&self) -> bool {
         self.graph == Graph::Captured
     }
 
-    /// Runs on `inputs` (f32, `Program::inputs` order) and returns the outputs as f32.
+    /// Runs on `inputs` (f32, `Program::inputs` order) and returns the outputs as f32. A
+    /// rank that fails tells its peers (they stop at their next collective, naming it).
     pub fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
+        let result = self.run_inner(inputs);
+        if let (Err(e), Some(comm)) = (&result, self.comm.as_deref_mut()) {
+            if !matches!(e, GpuError::Comm(_)) {
+                comm.fail(&format!("rank {} failed: {e}", self.rank));
+            }
+        }
+        result
+    }
+
+    fn run_inner(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
         let p = self.program.clone();
         if inputs.len() != p.inputs.len() {
             return Err(GpuError::Input(format!(
@@ -305,16 +397,111 @@ impl<D: Device> GpuExecutor<D> {
                     };
                     self.device.gemm(&g)?;
                 }
-                Some(op @ (LibraryOp::Attention | LibraryOp::Collective)) => {
-                    return Err(GpuError::Unsupported(format!(
-                        "step {si} (`{}`) needs {op:?} between ranks, and the GPU backend runs \
-                         single-rank programs only",
-                        step.kind()
-                    )))
+                Some(LibraryOp::Collective) => {
+                    self.all_gather(step)?;
+                    self.launches(si)?;
                 }
+                Some(LibraryOp::Attention) => self.seq_attention(step)?,
             }
         }
         Ok(())
+    }
+
+    /// Value `v` as f32, once the work before has finished.
+    fn read(&mut self, v: ValueId) -> Result<Vec<f32>, GpuError> {
+        let d = self.plan.value_dtypes[v];
+        let n = self.program.values[v].numel();
+        let bytes = self.device.download(self.ptr(v)?, n * d.bytes())?;
+        Ok(decode(&bytes, d, n))
+    }
+
+    /// The communicator, or an error naming the step that needs one.
+    fn comm_for(&mut self, step: &Step) -> Result<&mut dyn Communicator, GpuError> {
+        match &mut self.comm {
+            Some(c) => Ok(c.as_mut()),
+            None => Err(GpuError::Unsupported(format!(
+                "`{}` over more than one rank needs a communicator",
+                step.kind()
+            ))),
+        }
+    }
+
+    /// `Step::AllGather`: the members' rows side by side in the scratch (in `x`'s storage
+    /// type), for the step's launches to drop the padding.
+    fn all_gather(&mut self, step: &Step) -> Result<(), GpuError> {
+        let Step::AllGather { x, mesh, .. } = *step else {
+            unreachable!("checked by check_plan");
+        };
+        let group = Group::new(self.program.mesh.group(self.rank, mesh));
+        let local = self.read(x)?;
+        let mut gathered = vec![0.0f32; local.len() * group.size()];
+        if group.size() == 1 {
+            gathered.copy_from_slice(&local);
+        } else {
+            self.comm_for(step)?
+                .all_gather(&group, &local, &mut gathered)?;
+        }
+        let bytes = encode(&gathered, self.plan.value_dtypes[x]);
+        self.device.upload(self.scratch, &bytes)
+    }
+
+    /// `Step::SeqAttention` on the host: the CPU backend's exchange and attention on this
+    /// rank's downloaded q, k, v; the output uploaded.
+    fn seq_attention(&mut self, step: &Step) -> Result<(), GpuError> {
+        let Step::SeqAttention {
+            q,
+            k,
+            v,
+            out,
+            method,
+            batch,
+            sq,
+            sk,
+            heads,
+            head_dim,
+            scale,
+            ref key_segments,
+        } = *step
+        else {
+            unreachable!("checked by check_plan");
+        };
+        let (qh, kh, vh) = (self.read(q)?, self.read(k)?, self.read(v)?);
+        let mut o = vec![0.0f32; self.program.values[out].numel()];
+        let a = SeqAttn {
+            method,
+            batch,
+            sq,
+            sk,
+            heads,
+            head_dim,
+            scale,
+            key_segments,
+        };
+        let comm: Option<&mut dyn Communicator> = match &mut self.comm {
+            Some(c) => Some(c.as_mut()),
+            None => None,
+        };
+        let mut ctx = RankCtx {
+            mesh: self.program.mesh,
+            rank: self.rank,
+            comm,
+            placement: None,
+        };
+        parallel::seq_attention(
+            &mut ctx,
+            &a,
+            &qh,
+            &kh,
+            &vh,
+            &mut o,
+            &mut self.parallel_stats,
+        )
+        .map_err(|e| match e {
+            crate::RuntimeError::Comm(c) => GpuError::Comm(c),
+            other => GpuError::Parallel(other.to_string()),
+        })?;
+        let bytes = encode(&o, self.plan.value_dtypes[out]);
+        self.device.upload(self.ptr(out)?, &bytes)
     }
 
     fn launches(&mut self, si: usize) -> Result<(), GpuError> {
@@ -338,7 +525,9 @@ impl<D: Device> GpuExecutor<D> {
                 self.ptr(value)? + (offset * self.plan.value_dtypes[value].bytes()) as u64,
             ),
             KArg::Scratch => LaunchArg::Ptr(self.scratch),
-            KArg::MeshIndex(axis) => LaunchArg::I32(self.program.mesh.index(0, axis) as i32),
+            KArg::MeshIndex(axis) => {
+                LaunchArg::I32(self.program.mesh.index(self.rank, axis) as i32)
+            }
         })
     }
 
@@ -365,16 +554,6 @@ impl<D: Device> GpuExecutor<D> {
 /// one rank with operands in the plan's storage type.
 fn check_plan(p: &Program, plan: &CudaPlan) -> Result<(), GpuError> {
     let bad = |m: String| Err(GpuError::Plan(m));
-    if p.mesh.world_size() != 1 {
-        return Err(GpuError::Unsupported(format!(
-            "a program over {} ranks (cfg {} x ring {} x ulysses {}): the GPU backend runs \
-             single-rank programs only, as there is no GPU communicator yet",
-            p.mesh.world_size(),
-            p.mesh.cfg,
-            p.mesh.ring,
-            p.mesh.ulysses
-        )));
-    }
     if plan.steps.len() != p.steps.len()
         || plan.value_dtypes.len() != p.values.len()
         || plan.input_dtypes.len() != p.inputs.len()
@@ -437,7 +616,24 @@ fn check_plan(p: &Program, plan: &CudaPlan) -> Result<(), GpuError> {
                 }
                 same_type(&[*w, *out])
             }
-            (Some(LibraryOp::Attention | LibraryOp::Collective), _) => true,
+            (Some(LibraryOp::Attention), Step::SeqAttention { method, .. }) => {
+                if *method == SeqMethod::Displaced {
+                    return Err(GpuError::Unsupported(
+                        "displaced attention (DistriFusion, PipeFusion) keeps K/V across runs; \
+                         it runs on the CPU backend"
+                            .into(),
+                    ));
+                }
+                true
+            }
+            (Some(LibraryOp::Collective), Step::AllGather { x, .. }) => {
+                let need =
+                    p.values[*x].numel() * p.mesh.world_size() * plan.value_dtypes[*x].bytes();
+                if sp.scratch_bytes * p.mesh.world_size() < need {
+                    return bad(format!("step {si}: the all-gather's scratch is too small"));
+                }
+                true
+            }
             (Some(op), s) => {
                 return bad(format!("step {si} (`{}`) planned as {op:?}", s.kind()));
             }

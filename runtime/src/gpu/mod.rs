@@ -57,6 +57,10 @@ pub enum GpuError {
     Unsupported(String),
     #[error("bad input: {0}")]
     Input(String),
+    #[error("communication: {0}")]
+    Comm(#[from] crate::comm::CommError),
+    #[error("{0}")]
+    Parallel(String),
 }
 
 /// `x` in storage type `d`, little-endian (bf16 rounds to nearest even, as the kernels'
