@@ -69,7 +69,7 @@ pub fn kernel_cases(program: &Program, plan: &CudaPlan) -> Vec<KernelCase> {
                             ));
                         }
                     }
-                    KArg::Scratch => scratch = plan.steps[si].scratch_bytes,
+                    KArg::Scratch | KArg::ScratchAt(_) => scratch = plan.steps[si].scratch_bytes,
                     KArg::MeshIndex(_) => {}
                 }
             }
@@ -237,6 +237,7 @@ pub fn bench_kernels(
                     ptr_of[&value] + (offset * plan.value_dtypes[value].bytes()) as u64,
                 ),
                 KArg::Scratch => LaunchArg::Ptr(scratch),
+                KArg::ScratchAt(bytes) => LaunchArg::Ptr(scratch + bytes as u64),
                 KArg::MeshIndex(axis) => LaunchArg::I32(program.mesh.index(0, axis) as i32),
             })
             .collect();

@@ -561,5 +561,6 @@ pub(crate) fn group_norm(
         ],
         library: None,
         scratch_bytes: rows * chunks * 2 * 4,
+        seq_attention: None,
     })
 }

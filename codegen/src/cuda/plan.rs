@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{self, AttentionSpec};
 use super::elementwise::{self, Elementwise, Emitted, Operand};
 use super::emit::NAME;
+use super::seq_attention::{self, SeqAttentionLayout};
 use super::{conv, embed, kernel_hash, layout, norm, CudaError, CudaKernel, StorageDType};
 use crate::program::{KInstr, MeshAxis, Program, Step, Storage, ValueId};
 
@@ -43,6 +44,9 @@ pub struct StepPlan {
     /// Device scratch the step needs (16-byte aligned; `KArg::Scratch` points at it). For a
     /// collective it receives the gathered data, which the launches then rearrange.
     pub scratch_bytes: usize,
+    /// A sequence-parallel attention's pieces in the scratch (see `seq_attention`).
+    #[serde(default)]
+    pub seq_attention: Option<SeqAttentionLayout>,
 }
 
 /// Steps the backend implements itself.
@@ -54,8 +58,12 @@ pub enum LibraryOp {
     /// (P output pixels, K = Ci·kh·kw) to the scratch and the bias to `out`: a batched GEMM
     /// accumulating `out[n] (row-major [Co, P]) += W [Co, K] · col[n]ᵀ` for every image n.
     Conv2d,
-    /// `Step::SeqAttention`: the flash-attention kernel around the sequence-parallel
-    /// exchange (NCCL). A plain `Step::Attention` is a launch of the generated kernel.
+    /// `Step::SeqAttention`: the sequence-parallel exchange (Ulysses all-to-all, Ring K/V
+    /// passing) around the launches: `launches[0]` (flash attention) once per K/V block,
+    /// with Ring `launches[1]` after the first block and `launches[2]` after each other
+    /// (the log-sum-exp merges), over the scratch as `StepPlan::seq_attention` lays it out.
+    /// Displaced attention has no launches: it runs on the CPU backend. A plain
+    /// `Step::Attention` is a launch of the generated kernel.
     Attention,
     /// `Step::AllGather`: NCCL all-gather of `x` into the step's scratch, members in order;
     /// the launches then drop the padding.
@@ -84,6 +92,8 @@ pub enum KArg {
     ValueAt { value: ValueId, offset: usize },
     /// Device pointer to the step's scratch.
     Scratch,
+    /// Device pointer `bytes` into the step's scratch.
+    ScratchAt(usize),
     /// `int`: this rank's index along the mesh axis (Programs are SPMD: one source for
     /// every rank).
     MeshIndex(MeshAxis),
@@ -409,6 +419,7 @@ fn step_plan(b: &mut Builder, cx: &Ctx, step: &Step) -> Result<StepPlan, String>
             launches: conv::conv2d(b, cx, *x, *w, *bias, *out, *stride, *pad)?,
             library: Some(LibraryOp::Conv2d),
             scratch_bytes: conv::scratch_bytes(cx, *x, *w, *out),
+            seq_attention: None,
         },
         Step::Attention {
             q,
@@ -460,7 +471,7 @@ fn step_plan(b: &mut Builder, cx: &Ctx, step: &Step) -> Result<StepPlan, String>
                 ],
             )])
         }
-        Step::SeqAttention { .. } => library(LibraryOp::Attention),
+        s @ Step::SeqAttention { .. } => seq_attention::seq_attention(b, cx, s)?,
         Step::Fused { kernel, args, out } => {
             let k = &p.kernels[*kernel];
             if k.num_args != args.len() {

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use ditto_codegen::cuda::{CudaPlan, KArg, LibraryOp};
-use ditto_codegen::{Program, SeqMethod, Step, Storage, ValueId};
+use ditto_codegen::cuda::{CudaPlan, KArg, Launch, LibraryOp, SeqAttentionLayout, StorageDType};
+use ditto_codegen::{Program, Segment, SeqMethod, Step, Storage, ValueId};
 
 use super::device::{Device, DevicePtr, Gemm, LaunchArg};
 use super::{decode, encode, GpuError};
@@ -43,8 +43,9 @@ enum Graph {
 /// A multi-rank program's communication is staged through the host for now: an all-gather
 /// downloads the rank's rows, exchanges them with the communicator (in-process or TCP) and
 /// uploads the result for the plan's launches; sequence-parallel attention (Ulysses, Ring,
-/// USP) runs the CPU backend's exchange and attention on the downloaded q, k, v. That is
-/// exact, and it is what NCCL on the device replaces; such programs are not captured as a
+/// USP) exchanges the downloaded q, k, v as the CPU backend does (the same code), and runs
+/// the attention of every K/V block and the merges on the device. That is exact, and the
+/// exchange is what NCCL on the device replaces; such programs are not captured as a
 /// graph (the host takes part in every step).
 pub struct GpuExecutor<D: Device> {
     program: Arc<Program>,
@@ -401,7 +402,7 @@ impl<D: Device> GpuExecutor<D> {
                     self.all_gather(step)?;
                     self.launches(si)?;
                 }
-                Some(LibraryOp::Attention) => self.seq_attention(step)?,
+                Some(LibraryOp::Attention) => self.seq_attention(si, step)?,
             }
         }
         Ok(())
@@ -445,9 +446,11 @@ impl<D: Device> GpuExecutor<D> {
         self.device.upload(self.scratch, &bytes)
     }
 
-    /// `Step::SeqAttention` on the host: the CPU backend's exchange and attention on this
-    /// rank's downloaded q, k, v; the output uploaded.
-    fn seq_attention(&mut self, step: &Step) -> Result<(), GpuError> {
+    /// `Step::SeqAttention`: the exchange on the host (the CPU backend's Ulysses
+    /// all-to-all and Ring K/V passing, over this rank's downloaded q, k, v), the attention
+    /// of every K/V block and the merges on the device (the plan's launches over its
+    /// scratch layout); the output uploaded.
+    fn seq_attention(&mut self, si: usize, step: &Step) -> Result<(), GpuError> {
         let Step::SeqAttention {
             q,
             k,
@@ -465,6 +468,16 @@ impl<D: Device> GpuExecutor<D> {
         else {
             unreachable!("checked by check_plan");
         };
+        let plan = self.plan.clone();
+        let sp = &plan.steps[si];
+        let layout = sp
+            .seq_attention
+            .ok_or_else(|| GpuError::Plan(format!("step {si}: no attention layout")))?;
+        let launches: Vec<BoundLaunch> = sp
+            .launches
+            .iter()
+            .map(|l| self.bind(l))
+            .collect::<Result<_, _>>()?;
         let (qh, kh, vh) = (self.read(q)?, self.read(k)?, self.read(v)?);
         let mut o = vec![0.0f32; self.program.values[out].numel()];
         let a = SeqAttn {
@@ -477,45 +490,87 @@ impl<D: Device> GpuExecutor<D> {
             scale,
             key_segments,
         };
-        let comm: Option<&mut dyn Communicator> = match &mut self.comm {
+        let dtype = plan.value_dtypes[q];
+        let (scratch, rank, mesh) = (self.scratch, self.rank, self.program.mesh);
+        let GpuExecutor {
+            device,
+            comm,
+            parallel_stats,
+            ..
+        } = self;
+        let comm: Option<&mut dyn Communicator> = match comm {
             Some(c) => Some(c.as_mut()),
             None => None,
         };
         let mut ctx = RankCtx {
-            mesh: self.program.mesh,
-            rank: self.rank,
+            mesh,
+            rank,
             comm,
             placement: None,
         };
-        parallel::seq_attention(
-            &mut ctx,
-            &a,
-            &qh,
-            &kh,
-            &vh,
-            &mut o,
-            &mut self.parallel_stats,
-        )
-        .map_err(|e| match e {
+        let run = (|| {
+            let g = parallel::seq_groups(&ctx, &a, parallel_stats)?;
+            if (g.ulysses.size(), g.ring.size()) != (layout.ulysses, layout.ring) {
+                return Err(GpuError::Plan(format!(
+                    "step {si}: planned for Ulysses {} x Ring {}, the rank has {} x {}",
+                    layout.ulysses,
+                    layout.ring,
+                    g.ulysses.size(),
+                    g.ring.size()
+                ))
+                .into());
+            }
+            let block = DeviceBlocks {
+                device,
+                launches: &launches,
+                scratch,
+                layout,
+                dtype,
+                segments: key_segments,
+            };
+            parallel::around_ulysses(
+                &mut ctx,
+                &g.ulysses,
+                g.split,
+                &a,
+                &qh,
+                &kh,
+                &vh,
+                &mut o,
+                |ctx, q, k, v, o| block.ring(ctx, &g.ring, g.ring_index, q, k, v, o),
+            )
+        })();
+        run.map_err(|e| match e {
+            crate::RuntimeError::Gpu(g) => g,
             crate::RuntimeError::Comm(c) => GpuError::Comm(c),
             other => GpuError::Parallel(other.to_string()),
         })?;
-        let bytes = encode(&o, self.plan.value_dtypes[out]);
+        let bytes = encode(&o, plan.value_dtypes[out]);
         self.device.upload(self.ptr(out)?, &bytes)
     }
 
     fn launches(&mut self, si: usize) -> Result<(), GpuError> {
         let plan = self.plan.clone();
         for l in &plan.steps[si].launches {
-            let args = l
+            let bound = self.bind(l)?;
+            bound.enqueue(&mut self.device)?;
+        }
+        Ok(())
+    }
+
+    /// `l` with its arguments resolved to this rank's addresses.
+    fn bind(&self, l: &Launch) -> Result<BoundLaunch, GpuError> {
+        Ok(BoundLaunch {
+            kernel: l.kernel,
+            grid: l.grid,
+            block: l.block,
+            shared_bytes: l.shared_bytes,
+            args: l
                 .args
                 .iter()
                 .map(|a| self.arg(*a))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.device
-                .launch(l.kernel, l.grid, l.block, l.shared_bytes, &args)?;
-        }
-        Ok(())
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     fn arg(&self, a: KArg) -> Result<LaunchArg, GpuError> {
@@ -525,6 +580,7 @@ impl<D: Device> GpuExecutor<D> {
                 self.ptr(value)? + (offset * self.plan.value_dtypes[value].bytes()) as u64,
             ),
             KArg::Scratch => LaunchArg::Ptr(self.scratch),
+            KArg::ScratchAt(bytes) => LaunchArg::Ptr(self.scratch + bytes as u64),
             KArg::MeshIndex(axis) => {
                 LaunchArg::I32(self.program.mesh.index(self.rank, axis) as i32)
             }
@@ -547,6 +603,108 @@ impl<D: Device> GpuExecutor<D> {
         found.copied().ok_or_else(|| {
             GpuError::Plan(format!("value {v} has storage {s:?}, which does not exist"))
         })
+    }
+}
+
+/// A planned launch with its arguments resolved to device addresses.
+struct BoundLaunch {
+    kernel: usize,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+    args: Vec<LaunchArg>,
+}
+
+impl BoundLaunch {
+    fn enqueue(&self, device: &mut impl Device) -> Result<(), GpuError> {
+        device.launch(
+            self.kernel,
+            self.grid,
+            self.block,
+            self.shared_bytes,
+            &self.args,
+        )
+    }
+}
+
+/// The device half of a sequence-parallel attention: the plan's attention and merge
+/// launches over one step's scratch.
+struct DeviceBlocks<'a, D: Device> {
+    device: &'a mut D,
+    /// Attention, then (Ring) the first-block and the later-block merges.
+    launches: &'a [BoundLaunch],
+    scratch: DevicePtr,
+    layout: SeqAttentionLayout,
+    dtype: StorageDType,
+    segments: &'a [Segment],
+}
+
+impl<D: Device> DeviceBlocks<'_, D> {
+    fn launch(&mut self, i: usize) -> Result<(), GpuError> {
+        self.launches[i].enqueue(self.device)
+    }
+
+    /// Attention of `q` over every ring member's K/V block, the blocks passed around the
+    /// ring on the host as the CPU backend's Ring attention passes them; `o` gets the
+    /// merged output.
+    #[allow(clippy::too_many_arguments)]
+    fn ring(
+        mut self,
+        ctx: &mut RankCtx,
+        ring: &Group,
+        me: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &mut [f32],
+    ) -> Result<(), crate::RuntimeError> {
+        let (l, scratch) = (self.layout, self.scratch);
+        let at = |off: usize| scratch + off as u64;
+        self.device.upload(at(l.q), &encode(q, self.dtype))?;
+        let p = ring.size();
+        let blk = k.len();
+        let mut cur = Vec::with_capacity(2 * blk);
+        cur.extend_from_slice(k);
+        cur.extend_from_slice(v);
+        let mut next = vec![0.0f32; if p > 1 { 2 * blk } else { 0 }];
+        let (next_rank, prev_rank) = (ring.ranks[(me + 1) % p], ring.ranks[(me + p - 1) % p]);
+        for step in 0..p {
+            if step + 1 < p {
+                let comm = ctx.comm("ring attention")?;
+                comm.sendrecv(
+                    next_rank,
+                    &cur,
+                    prev_rank,
+                    &mut next,
+                    crate::parallel::ring::RING_TAG,
+                )?;
+            }
+            let owner = (me + p - step) % p;
+            let mask: Vec<u8> = parallel::block_mask(self.segments, l.ulysses, owner)
+                .into_iter()
+                .map(u8::from)
+                .collect();
+            self.device.upload(at(l.mask), &mask)?;
+            self.device
+                .upload(at(l.k), &encode(&cur[..blk], self.dtype))?;
+            self.device
+                .upload(at(l.v), &encode(&cur[blk..], self.dtype))?;
+            self.launch(0)?;
+            if p > 1 {
+                self.launch(if step == 0 { 1 } else { 2 })?;
+            }
+            if step + 1 < p {
+                std::mem::swap(&mut cur, &mut next);
+            }
+        }
+        let (from, d) = if p > 1 {
+            (l.acc, StorageDType::F32)
+        } else {
+            (l.out, self.dtype)
+        };
+        let bytes = self.device.download(at(from), o.len() * d.bytes())?;
+        o.copy_from_slice(&decode(&bytes, d, o.len()));
+        Ok(())
     }
 }
 

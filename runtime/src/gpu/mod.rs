@@ -8,6 +8,9 @@
 //! as one captured graph (the first run warms up, the second captures), since a fixed-shape
 //! Program's launches never change: only the input bytes do.
 //!
+//! Multi-rank programs run one executor per rank, each with its communicator; their
+//! exchanges are staged through the host for now (see [`GpuExecutor`]).
+//!
 //! [`Device`] is the seam between that logic and CUDA: [`CudaDevice`] implements it with
 //! the driver API and cuBLASLt (through cudarc, loaded at run time), and the tests
 //! implement it with a host emulation of the generated kernels, so everything above the

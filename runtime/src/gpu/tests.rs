@@ -175,9 +175,28 @@ fn bad_plans_weights_and_inputs_are_errors() {
     // A program over several ranks.
     let mut multi = linear_program();
     multi.mesh.ulysses = 2;
-    let err = new(&Arc::new(multi), &weights(), &[]).unwrap();
+    let multi = Arc::new(multi);
+    let err = new(&multi, &weights(), &[]).unwrap();
     assert!(
-        err.contains("over 2 ranks") && err.contains("single-rank"),
+        err.contains("over 2 ranks") && err.contains("with_comm"),
+        "{err}"
+    );
+    // A communicator of the wrong size.
+    let comm = crate::comm::in_process_world(3, std::time::Duration::from_secs(1)).remove(0);
+    let err = GpuExecutor::with_comm(
+        multi,
+        plan.clone(),
+        &[],
+        &weights(),
+        HostDevice::default(),
+        0,
+        Box::new(comm),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("communicator of 3 ranks, for a program over 2"),
         "{err}"
     );
 

@@ -93,7 +93,7 @@ impl RankCtx<'_> {
         )
     }
 
-    fn comm(&mut self, step: &str) -> Result<&mut dyn Communicator, RuntimeError> {
+    pub(crate) fn comm(&mut self, step: &str) -> Result<&mut dyn Communicator, RuntimeError> {
         match self.comm.as_deref_mut() {
             Some(c) => Ok(c),
             None => Err(RuntimeError::Unsupported(format!(
@@ -264,36 +264,15 @@ pub fn seq_attention(
     out: &mut [f32],
     stats: &mut ParallelStats,
 ) -> Result<(), RuntimeError> {
-    let single = Group::new(vec![ctx.me()]);
-    let (ugroup, rgroup) = match a.method {
-        SeqMethod::Ulysses => (ctx.group(MeshAxis::Sp), single),
-        SeqMethod::Ring => (single, ctx.group(MeshAxis::Sp)),
-        SeqMethod::Usp => (ctx.group(MeshAxis::Ulysses), ctx.group(MeshAxis::Ring)),
-        SeqMethod::Displaced => {
-            return Err(RuntimeError::Unsupported(
-                "displaced attention keeps K/V across runs: run the program with \
-                 CpuExecutor::run_with_state and a StaleState"
-                    .into(),
-            ))
-        }
-    };
+    let SeqGroups {
+        ulysses: ugroup,
+        ring: rgroup,
+        ring_index: ri,
+        split,
+    } = seq_groups(ctx, a, stats)?;
     let (uc, rc) = (ugroup.size(), rgroup.size());
-    let (ui, ri) = (
-        ugroup.index_of(ctx.me()).unwrap_or(0),
-        rgroup.index_of(ctx.me()).unwrap_or(0),
-    );
-    debug_assert_eq!(ri * uc + ui, ctx.mesh.index(ctx.rank, MeshAxis::Sp));
-    let split = HeadSplit::new(a.heads, a.head_dim, uc);
-    stats.seq_attentions += 1;
-    stats.padded_heads += split.padding() as u64;
-
     let segs = a.key_segments;
-    // Keys of ring member r's block: its Ulysses members' rows, member-major.
-    let block_mask = |r: usize| -> Vec<bool> {
-        (0..uc)
-            .flat_map(|u| segments::member_mask(segs, r * uc + u))
-            .collect()
-    };
+    let block_mask = |r: usize| block_mask(segs, uc, r);
     let shape = ring::RingShape {
         batch: a.batch,
         sq: a.sq * uc,
@@ -333,6 +312,62 @@ pub fn seq_attention(
     };
 
     around_ulysses(ctx, &ugroup, split, a, q, k, v, out, attend)
+}
+
+/// The groups of a sequence-parallel attention on this rank.
+pub(crate) struct SeqGroups {
+    /// Heads are exchanged for rows over `ulysses`; K/V blocks go around `ring`.
+    pub ulysses: Group,
+    pub ring: Group,
+    /// This rank's index in `ring`.
+    pub ring_index: usize,
+    /// How the heads are dealt over `ulysses`.
+    pub split: HeadSplit,
+}
+
+/// The Ulysses group, the ring and the head split of `a` on this rank (counted in
+/// `stats`). Ulysses is (U, R) = (sp, 1), Ring (1, sp), USP (ulysses, ring).
+pub(crate) fn seq_groups(
+    ctx: &RankCtx,
+    a: &SeqAttn,
+    stats: &mut ParallelStats,
+) -> Result<SeqGroups, RuntimeError> {
+    let single = Group::new(vec![ctx.me()]);
+    let (ugroup, rgroup) = match a.method {
+        SeqMethod::Ulysses => (ctx.group(MeshAxis::Sp), single),
+        SeqMethod::Ring => (single, ctx.group(MeshAxis::Sp)),
+        SeqMethod::Usp => (ctx.group(MeshAxis::Ulysses), ctx.group(MeshAxis::Ring)),
+        SeqMethod::Displaced => {
+            return Err(RuntimeError::Unsupported(
+                "displaced attention keeps K/V across runs: run the program with \
+                 CpuExecutor::run_with_state and a StaleState"
+                    .into(),
+            ))
+        }
+    };
+    let uc = ugroup.size();
+    let (ui, ri) = (
+        ugroup.index_of(ctx.me()).unwrap_or(0),
+        rgroup.index_of(ctx.me()).unwrap_or(0),
+    );
+    debug_assert_eq!(ri * uc + ui, ctx.mesh.index(ctx.rank, MeshAxis::Sp));
+    let split = HeadSplit::new(a.heads, a.head_dim, uc);
+    stats.seq_attentions += 1;
+    stats.padded_heads += split.padding() as u64;
+    Ok(SeqGroups {
+        ulysses: ugroup,
+        ring: rgroup,
+        ring_index: ri,
+        split,
+    })
+}
+
+/// Which keys of ring member `r`'s block are real: its `uc` Ulysses members' rows,
+/// member-major.
+pub(crate) fn block_mask(segs: &[Segment], uc: usize, r: usize) -> Vec<bool> {
+    (0..uc)
+        .flat_map(|u| segments::member_mask(segs, r * uc + u))
+        .collect()
 }
 
 /// Runs `attend` on this rank's share of the heads (`split`) for the rows of its whole

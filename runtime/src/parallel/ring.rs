@@ -7,7 +7,7 @@ use crate::cpu::kernels::attention::attention_masked;
 /// Point-to-point tag of the K/V rotation ("ring" in ASCII, high half). Messages are
 /// matched per (sender, tag) in FIFO order, and every member sends its blocks in step
 /// order, so one tag serves all steps and all ring attentions of a program.
-const RING_TAG: u64 = 0x7269_6e67 << 32;
+pub(crate) const RING_TAG: u64 = 0x7269_6e67 << 32;
 
 /// Shapes of one ring attention (per member).
 #[derive(Clone, Copy, Debug)]
