@@ -145,22 +145,8 @@ enum BenchCommand {
 
 #[derive(Args)]
 struct BenchKernelsArgs {
-    /// A config.json, or a preset (as for `bench forward`).
-    #[arg(long, default_value = "pixart-sigma-1024")]
-    config: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    batch: usize,
-    #[arg(long, default_value_t = 300)]
-    text_len: usize,
-    /// Latent height = width (default: the config's sample_size).
-    #[arg(long)]
-    latent_size: Option<usize>,
-    /// Replace a config entry (KEY=JSON), as for `bench forward`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Checkpoint folder (default: the one `bench forward` writes for the same config).
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    #[command(flatten)]
+    model: BenchModelArgs,
     /// Timed launches per kernel.
     #[arg(long, default_value_t = 20)]
     reps: usize,
@@ -198,8 +184,8 @@ struct ForwardArgs {
 
 #[derive(Args, Clone)]
 struct DeviceArgs {
-    /// Where to run: cpu, cuda (GPU 0) or cuda:N. The GPU runs single-rank programs: no
-    /// parallel degrees, no DistriFusion or PipeFusion.
+    /// Where to run: cpu, cuda (GPU 0) or cuda:N. On the GPU, parallel degrees run one
+    /// process per rank (`ditto launch`); DistriFusion and PipeFusion stay on the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Storage type of weights and activations on the GPU: bf16, f16 or f32 (arithmetic
@@ -1395,6 +1381,31 @@ fn compare_serial(
 
 #[derive(Args)]
 struct BenchForwardArgs {
+    #[command(flatten)]
+    model: BenchModelArgs,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write the output (`output`) here as safetensors.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A safetensors file whose `output` tensor is the reference to compare against.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// The random-weight model a benchmark runs.
+#[derive(Args)]
+struct BenchModelArgs {
     /// A config.json, or a preset: pixart-sigma (PixArt-Σ XL/2 256 px), pixart-sigma-1024
     /// (1024 px: --latent-size 128 is its default), flux-dev (FLUX.1-dev; 1024 px is
     /// --latent-size 64 --text-len 512 --batch 1).
@@ -1407,34 +1418,32 @@ struct BenchForwardArgs {
     /// Latent height = width (default: the config's sample_size).
     #[arg(long)]
     latent_size: Option<usize>,
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
-    #[arg(long, default_value_t = 3)]
-    iters: usize,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    /// Seed of the weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Checkpoint folder to write (default: under the system temp dir); reused when it
     /// already holds the same random weights.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Write the output (`output`) here as safetensors.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Write the report here as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// A safetensors file whose `output` tensor is the reference to compare against.
-    #[arg(long)]
-    reference: Option<PathBuf>,
     /// Replace a config entry, e.g. `--set num_layers=2` (a model of the same widths with
     /// fewer blocks); the value is JSON. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    #[command(flatten)]
-    device: DeviceArgs,
+}
+
+impl BenchModelArgs {
+    fn options(&self) -> Result<ForwardBenchOptions> {
+        Ok(ForwardBenchOptions {
+            config: self.config.clone(),
+            batch: self.batch,
+            text_len: self.text_len,
+            latent_size: self.latent_size,
+            seed: self.seed,
+            weights_out: self.dir.clone(),
+            overrides: config_overrides(&self.set)?,
+            ..ForwardBenchOptions::default()
+        })
+    }
 }
 
 /// `key=value` pairs of `--set`, the value parsed as JSON (a bare word is a string).
@@ -1453,17 +1462,11 @@ fn config_overrides(set: &[String]) -> Result<Vec<(String, serde_json::Value)>> 
 
 fn bench_forward_cmd(a: BenchForwardArgs) -> Result<()> {
     let report = bench_forward(&ForwardBenchOptions {
-        config: a.config,
-        batch: a.batch,
-        text_len: a.text_len,
-        latent_size: a.latent_size,
         warmup: a.warmup,
         iters: a.iters,
         threads: a.threads,
-        seed: a.seed,
-        weights_out: a.dir,
         backend: a.device.backend()?,
-        overrides: config_overrides(&a.set)?,
+        ..a.model.options()?
     })?;
     println!("checkpoint: {}", report.model_dir.display());
     print!("{report}");
@@ -1494,16 +1497,7 @@ fn bench_kernels_cmd(a: BenchKernelsArgs) -> Result<()> {
         bail!("bench kernels times CUDA kernels: give --device cuda (or cuda:N)");
     };
     let mut device = CudaDevice::new(ordinal)?;
-    let bench = ditto::bench::bench_model(&ditto::bench::ForwardBenchOptions {
-        config: a.config,
-        batch: a.batch,
-        text_len: a.text_len,
-        latent_size: a.latent_size,
-        seed: 0,
-        weights_out: a.dir,
-        overrides: config_overrides(&a.set)?,
-        ..Default::default()
-    })?;
+    let bench = ditto::bench::bench_model(&a.model.options()?)?;
     let model = Model::load(&bench.dir)?;
     let program = model
         .compile(&bench.shapes, &CompileOptions::default())?

@@ -54,12 +54,36 @@ fn forward_tol(dtype: StorageDType) -> f32 {
     }
 }
 
-fn forward_inputs(name: &str) -> BTreeMap<String, HostTensor> {
-    ditto::read_tensors(&fixture(name).join("io.safetensors"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix("input.").map(|k| (k.to_string(), v)))
-        .collect()
+/// A fixture model, its recorded inputs, and its program compiled for `mesh`.
+fn load(
+    name: &str,
+    mesh: ditto::codegen::Mesh,
+) -> (Model, BTreeMap<String, HostTensor>, Arc<ditto::Program>) {
+    let model = Model::load(fixture(name)).unwrap();
+    let inputs: BTreeMap<String, HostTensor> =
+        ditto::read_tensors(&fixture(name).join("io.safetensors"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("input.").map(|k| (k.to_string(), v)))
+            .collect();
+    let shapes: BTreeMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
+    let opts = CompileOptions {
+        parallel: ditto::Parallel {
+            mesh,
+            ..Default::default()
+        },
+        ..CompileOptions::default()
+    };
+    let program = Arc::new(model.compile(&shapes, &opts).unwrap().program);
+    (model, inputs, program)
+}
+
+fn serial() -> ditto::codegen::Mesh {
+    ditto::codegen::Mesh::default()
 }
 
 #[test]
@@ -69,19 +93,7 @@ fn fixture_forward_passes_match_the_cpu_backend() {
     }
     let mut table = Vec::new();
     for name in ["dit", "pixart", "sd3", "flux", "vae"] {
-        let model = Model::load(fixture(name)).unwrap();
-        let inputs = forward_inputs(name);
-        let shapes: BTreeMap<String, Vec<usize>> = inputs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.shape.clone()))
-            .collect();
-        let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
-        let program = Arc::new(
-            model
-                .compile(&shapes, &CompileOptions::default())
-                .unwrap()
-                .program,
-        );
+        let (model, inputs, program) = load(name, serial());
         let weights = model.load_weights(&program).unwrap();
         let want = Session::new(program.clone(), weights.clone())
             .unwrap()
@@ -113,19 +125,7 @@ fn graph_replay_gives_the_eager_outputs() {
     if !gpu_or_skip() {
         return;
     }
-    let model = Model::load(fixture("pixart")).unwrap();
-    let inputs = forward_inputs("pixart");
-    let shapes: BTreeMap<String, Vec<usize>> = inputs
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shape.clone()))
-        .collect();
-    let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
-    let program = Arc::new(
-        model
-            .compile(&shapes, &CompileOptions::default())
-            .unwrap()
-            .program,
-    );
+    let (model, inputs, program) = load("pixart", serial());
     let weights = model.load_weights(&program).unwrap();
     let mut exec: GpuExecutor<CudaDevice> =
         ditto::backend::cuda_executor(program.clone(), &weights, 0, StorageDType::Bf16).unwrap();
@@ -223,35 +223,17 @@ fn multi_rank_program_on_one_gpu_matches_the_serial_run() {
     if !gpu_or_skip() {
         return;
     }
-    let model = Model::load(fixture("pixart")).unwrap();
-    let inputs = forward_inputs("pixart");
-    let shapes: BTreeMap<String, Vec<usize>> = inputs
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shape.clone()))
-        .collect();
-    let shapes = model.family().shapes_from_inputs(&shapes).unwrap();
-    let serial = Arc::new(
-        model
-            .compile(&shapes, &CompileOptions::default())
-            .unwrap()
-            .program,
-    );
+    let (model, inputs, serial) = load("pixart", serial());
     let want = Session::new(serial.clone(), model.load_weights(&serial).unwrap())
         .unwrap()
         .run(&inputs)
         .unwrap();
-    let opts = CompileOptions {
-        parallel: ditto::Parallel {
-            mesh: ditto::codegen::Mesh {
-                cfg: 1,
-                ring: 2,
-                ulysses: 2,
-            },
-            ..Default::default()
-        },
-        ..CompileOptions::default()
+    let mesh = ditto::codegen::Mesh {
+        cfg: 1,
+        ring: 2,
+        ulysses: 2,
     };
-    let usp = Arc::new(model.compile(&shapes, &opts).unwrap().program);
+    let (_, _, usp) = load("pixart", mesh);
     let weights = model.load_weights(&usp).unwrap();
     let bound: Vec<Vec<f32>> = usp
         .inputs

@@ -40,6 +40,26 @@ pub struct Binding {
     pub dtype: String,
 }
 
+impl Binding {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Checks that `len` elements fill this binding; the error names it as a `what`
+    /// (`input`, `weight`).
+    pub fn check_len(&self, what: &str, len: usize) -> Result<(), String> {
+        let n = self.numel();
+        if len == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} `{}` has {len} elements, the program expects {n} (shape {:?})",
+                self.name, self.shape
+            ))
+        }
+    }
+}
+
 /// One logical sequence inside a split axis. The axis of a split tensor is a concatenation of
 /// segments (e.g. image tokens then text tokens); each segment is padded to `parts * local`
 /// rows and split evenly, so a rank holds `local` rows of it, and global rows `>= valid` of

@@ -360,15 +360,8 @@ impl CpuExecutor {
             )));
         }
         for (b, x) in program.inputs.iter().zip(inputs) {
-            let n: usize = b.shape.iter().product();
-            if x.len() != n {
-                return Err(RuntimeError::Binding(format!(
-                    "input `{}` has {} elements, the program expects {n} (shape {:?})",
-                    b.name,
-                    x.len(),
-                    b.shape
-                )));
-            }
+            b.check_len("input", x.len())
+                .map_err(RuntimeError::Binding)?;
         }
         for (i, step) in program.steps.iter().enumerate() {
             let t0 = profile.as_ref().map(|_| Instant::now());

@@ -157,15 +157,7 @@ impl<D: Device> GpuExecutor<D> {
         let mut memory = MemoryReport::default();
         let mut wptr = Vec::with_capacity(weights.len());
         for (b, w) in program.weights.iter().zip(weights) {
-            let numel: usize = b.shape.iter().product();
-            if w.len() != numel {
-                return Err(GpuError::Input(format!(
-                    "weight `{}` has {} elements, its shape {:?} needs {numel}",
-                    b.name,
-                    w.len(),
-                    b.shape
-                )));
-            }
+            b.check_len("weight", w.len()).map_err(GpuError::Input)?;
             let bytes = encode(w, plan.dtype);
             let ptr = device.alloc(bytes.len().max(16), &format!("weight `{}`", b.name))?;
             device.upload(ptr, &bytes)?;
@@ -282,15 +274,7 @@ impl<D: Device> GpuExecutor<D> {
             )));
         }
         for (i, (b, x)) in p.inputs.iter().zip(inputs).enumerate() {
-            let numel: usize = b.shape.iter().product();
-            if x.len() != numel {
-                return Err(GpuError::Input(format!(
-                    "input `{}` has {} elements, its shape {:?} needs {numel}",
-                    b.name,
-                    x.len(),
-                    b.shape
-                )));
-            }
+            b.check_len("input", x.len()).map_err(GpuError::Input)?;
             self.device
                 .upload(self.inputs[i], &encode(x, self.plan.input_dtypes[i]))?;
         }

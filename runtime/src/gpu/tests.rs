@@ -164,7 +164,10 @@ fn bad_plans_weights_and_inputs_are_errors() {
     let mut short = weights();
     short[0].pop();
     let err = new(&p, &short, &[]).unwrap();
-    assert!(err.contains("weight `w` has 19 elements"), "{err}");
+    assert!(
+        err.contains("weight `w` has 19 elements, the program expects 20"),
+        "{err}"
+    );
     let err = new(&p, &weights(), &["x".into()]).unwrap();
     assert!(err.contains("0 kernels but 1 PTX"), "{err}");
     // A plan made for another program.
@@ -212,7 +215,7 @@ fn bad_plans_weights_and_inputs_are_errors() {
     assert!(err.contains("takes 1 inputs, 0 were given"), "{err}");
     let err = e.run(&[&[1.0; 14]]).unwrap_err().to_string();
     assert!(
-        err.contains("input `x` has 14 elements, its shape [3, 5] needs 15"),
+        err.contains("input `x` has 14 elements, the program expects 15 (shape [3, 5])"),
         "{err}"
     );
 }
