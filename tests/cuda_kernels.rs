@@ -22,6 +22,7 @@ use ditto::codegen::cuda::{self, cuda_plan, CudaPlan, KArg, LibraryOp, StorageDT
 use ditto::codegen::{
     Binding, KInstr, Kernel, Mesh, MeshAxis, Program, Segment, Step, Storage, Value,
 };
+use ditto::runtime::comm::Communicator;
 use ditto::runtime::cpu::executor::CpuExecutor;
 use ditto::runtime::cpu::kernels::gemm;
 use ditto::runtime::gpu::{
@@ -657,6 +658,9 @@ fn run_launches(
 /// their upload after every batch of launches: no kernel writes what it reads.
 struct EmulatedDevice<'a> {
     emu: &'a Emulator,
+    /// With a communicator the device has collectives of its own (as NCCL gives a GPU):
+    /// they move the bytes of its allocations to and from the other ranks' devices.
+    comm: Option<Box<dyn Communicator>>,
     blobs: Vec<Vec<u8>>,
     read_only: usize,
     uploaded: BTreeMap<usize, Vec<u8>>,
@@ -679,6 +683,7 @@ impl<'a> EmulatedDevice<'a> {
     fn new(emu: &'a Emulator, p: &Program) -> Self {
         EmulatedDevice {
             emu,
+            comm: None,
             blobs: vec![],
             read_only: p.weights.len() + p.inputs.len(),
             uploaded: BTreeMap::new(),
@@ -713,6 +718,27 @@ impl<'a> EmulatedDevice<'a> {
             "write past allocation {b}"
         );
         self.blobs[b][off..off + bytes.len()].copy_from_slice(&bytes);
+    }
+    fn with_collectives(mut self, comm: Box<dyn Communicator>) -> Self {
+        self.comm = Some(comm);
+        self
+    }
+    fn bytes(&mut self, ptr: DevicePtr, len: usize) -> Vec<u8> {
+        self.flush();
+        let (b, off) = self.at(ptr);
+        assert!(
+            off + len <= self.blobs[b].len() - CANARY,
+            "read past allocation {b}"
+        );
+        self.blobs[b][off..off + len].to_vec()
+    }
+    fn put(&mut self, ptr: DevicePtr, data: &[u8]) {
+        let (b, off) = self.at(ptr);
+        assert!(
+            off + data.len() <= self.blobs[b].len() - CANARY,
+            "write past allocation {b}"
+        );
+        self.blobs[b][off..off + data.len()].copy_from_slice(data);
     }
     fn enqueue(&mut self, op: Op) {
         match &mut self.recording {
@@ -840,8 +866,53 @@ impl Device for EmulatedDevice<'_> {
         self.enqueue(Op::Gemm(*g));
         Ok(())
     }
+    fn copy(&mut self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        let data = self.bytes(src, bytes);
+        self.put(dst, &data);
+        Ok(())
+    }
     fn synchronize(&mut self) -> Result<(), GpuError> {
         self.flush();
+        Ok(())
+    }
+    fn collectives(&self) -> bool {
+        self.comm.is_some()
+    }
+    fn all_gather(
+        &mut self,
+        group: &ditto::runtime::comm::Group,
+        send: DevicePtr,
+        recv: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
+        let words = to_words(&self.bytes(send, bytes));
+        let mut all = vec![0.0f32; words.len() * group.size()];
+        self.comm
+            .as_mut()
+            .unwrap()
+            .all_gather(group, &words, &mut all)?;
+        for (i, member) in all.chunks(words.len()).enumerate() {
+            let data = from_words(member, bytes);
+            self.put(recv + (i * bytes) as u64, &data);
+        }
+        Ok(())
+    }
+    fn sendrecv(
+        &mut self,
+        to: usize,
+        send: DevicePtr,
+        from: usize,
+        recv: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
+        let words = to_words(&self.bytes(send, bytes));
+        let mut got = vec![0.0f32; words.len()];
+        self.comm
+            .as_mut()
+            .unwrap()
+            .sendrecv(to, &words, from, &mut got, 0x6465_7669)?;
+        let data = from_words(&got, bytes);
+        self.put(recv, &data);
         Ok(())
     }
     fn begin_capture(&mut self) -> Result<bool, GpuError> {
@@ -859,6 +930,23 @@ impl Device for EmulatedDevice<'_> {
         self.queue.extend(g);
         Ok(())
     }
+}
+
+/// Bytes as f32 bit patterns (the host communicator's unit), the last word zero-padded.
+fn to_words(b: &[u8]) -> Vec<f32> {
+    b.chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            f32::from_bits(u32::from_le_bytes(w))
+        })
+        .collect()
+}
+
+fn from_words(w: &[f32], len: usize) -> Vec<u8> {
+    let mut b: Vec<u8> = w.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+    b.truncate(len);
+    b
 }
 
 /// Runs a single-rank program through the GPU backend's executor on the emulated device,
@@ -960,20 +1048,30 @@ fn emulate_fixture(name: &str, dtype: StorageDType) -> Option<f32> {
 }
 
 /// Every transformer fixture split over a 2 x 2 Ulysses x Ring mesh, and CFG 2 x Ring 2
-/// where its batch is a CFG pair: four executors on
-/// emulated devices, one per rank on threads, with the in-process communicator (the
-/// all-gathers and sequence-parallel attention staged through the host), against the
-/// serial CPU run.
+/// where its batch is a CFG pair: four executors on emulated devices, one per rank on
+/// threads, against the serial CPU run; with the collectives staged through the host
+/// communicator, and with devices that have collectives of their own (as NCCL gives).
 #[test]
 fn emulated_multi_rank_programs_match_the_serial_cpu_run() {
-    use ditto::runtime::comm::{run_ranks, Communicator};
     for &name in &FAMILIES[..4] {
         let (model, inputs, shapes) = load(name);
         let serial = model
             .compile(&shapes, &CompileOptions::default())
             .unwrap()
             .program;
-        // USP 2 x 2 for every family; CFG 2 x Ring 2 where the batch is a CFG pair.
+        let bind = |p: &Program| -> Vec<Vec<f32>> {
+            p.inputs
+                .iter()
+                .map(|b| inputs[&b.name].data.clone())
+                .collect()
+        };
+        let serial_inputs = bind(&serial);
+        let serial_bound: Vec<&[f32]> = serial_inputs.iter().map(|v| v.as_slice()).collect();
+        let weights = model.load_weights(&serial).unwrap();
+        let want = CpuExecutor::new(Arc::new(serial.clone()), weights)
+            .unwrap()
+            .run(&serial_bound)
+            .unwrap();
         let mut meshes = vec![Mesh {
             cfg: 1,
             ring: 2,
@@ -994,64 +1092,87 @@ fn emulated_multi_rank_programs_match_the_serial_cpu_run() {
                 },
                 ..CompileOptions::default()
             };
-            let usp = Arc::new(model.compile(&shapes, &opts).unwrap().program);
-            let bind = |p: &Program| -> Vec<Vec<f32>> {
-                p.inputs
-                    .iter()
-                    .map(|b| inputs[&b.name].data.clone())
-                    .collect()
-            };
-            let serial_inputs = bind(&serial);
-            let serial_bound: Vec<&[f32]> = serial_inputs.iter().map(|v| v.as_slice()).collect();
-            let weights = model.load_weights(&serial).unwrap();
-            let want = CpuExecutor::new(Arc::new(serial.clone()), weights)
-                .unwrap()
-                .run(&serial_bound)
-                .unwrap();
-            let weights = model.load_weights(&usp).unwrap();
-            let usp_inputs = bind(&usp);
+            let program = Arc::new(model.compile(&shapes, &opts).unwrap().program);
+            let weights = model.load_weights(&program).unwrap();
+            let bound_inputs = bind(&program);
             for (dtype, tol) in [(StorageDType::F32, 1e-4f32), (StorageDType::Bf16, 3e-2)] {
-                let plan = Arc::new(cuda_plan(&usp, dtype).unwrap());
+                let plan = Arc::new(cuda_plan(&program, dtype).unwrap());
                 let Some((emu, _dir)) = emulator_or_skip(&plan, name) else {
                     return;
                 };
-                let ptx = vec![String::new(); plan.kernels.len()];
-                let outs = run_ranks(4, std::time::Duration::from_secs(300), |comm| {
-                    let rank = comm.rank();
-                    let bound: Vec<&[f32]> = usp_inputs.iter().map(|v| v.as_slice()).collect();
-                    let mut e = GpuExecutor::with_comm(
-                        usp.clone(),
-                        plan.clone(),
-                        &ptx,
+                for on_device in [false, true] {
+                    let outs = run_emulated_ranks(
+                        &emu,
+                        &program,
+                        &plan,
                         &weights,
-                        EmulatedDevice::new(&emu, &usp),
-                        rank,
-                        Box::new(comm),
-                    )?;
-                    let out = e.run(&bound)?;
-                    let sent = e.comm_stats().map_or(0, |s| s.total_bytes());
-                    Ok::<_, GpuError>((out, sent, e.parallel_stats().seq_attentions))
-                })
-                .unwrap_or_else(|e| panic!("{name} {dtype}: {e}"));
-                for (rank, (out, sent, attentions)) in outs.iter().enumerate() {
-                    let err = out
-                        .iter()
-                        .zip(&want)
-                        .map(|(g, w)| max_rel_err(g, w))
-                        .fold(0.0f32, f32::max);
-                    eprintln!(
-                        "{name} {mesh:?} {dtype} rank {rank}: max rel err {err:.2e} vs serial, \
-                     {sent} bytes sent, {attentions} parallel attentions"
-                    );
-                    assert!(err < tol, "{name} {mesh:?} {dtype} rank {rank}: {err:e}");
-                    assert!(
-                        *sent > 0 && *attentions > 0,
-                        "{name}: the ranks communicated"
-                    );
+                        &bound_inputs,
+                        on_device,
+                    )
+                    .unwrap_or_else(|e| panic!("{name} {dtype}: {e}"));
+                    for (rank, (out, sent, attentions)) in outs.iter().enumerate() {
+                        let err = out
+                            .iter()
+                            .zip(&want)
+                            .map(|(g, w)| max_rel_err(g, w))
+                            .fold(0.0f32, f32::max);
+                        eprintln!(
+                            "{name} {mesh:?} {dtype}, collectives on the device: {on_device}, \
+                             rank {rank}: max rel err {err:.2e} vs serial, {sent} bytes \
+                             through the host, {attentions} parallel attentions"
+                        );
+                        assert!(err < tol, "{name} {mesh:?} {dtype} rank {rank}: {err:e}");
+                        assert!(*attentions > 0, "{name}: no parallel attention ran");
+                    }
                 }
             }
         }
     }
+}
+
+/// Every rank of `program` on its own emulated device, on threads with the in-process
+/// communicator; per rank its outputs, the bytes it sent through the host communicator
+/// and its parallel attentions. With `on_device` the devices get collectives of their own
+/// (over a second in-process world).
+fn run_emulated_ranks(
+    emu: &Emulator,
+    program: &Arc<Program>,
+    plan: &Arc<CudaPlan>,
+    weights: &[Vec<f32>],
+    inputs: &[Vec<f32>],
+    on_device: bool,
+) -> Result<Vec<(Vec<Vec<f32>>, u64, u64)>, ditto::runtime::comm::RankError> {
+    use ditto::runtime::comm::{in_process_world, run_ranks};
+    let world = program.mesh.world_size();
+    let timeout = std::time::Duration::from_secs(300);
+    let device_comms = std::sync::Mutex::new(
+        in_process_world(world, timeout)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+    );
+    let ptx = vec![String::new(); plan.kernels.len()];
+    run_ranks(world, timeout, |comm| {
+        let rank = comm.rank();
+        let mut device = EmulatedDevice::new(emu, program);
+        let own = device_comms.lock().unwrap()[rank].take().unwrap();
+        if on_device {
+            device = device.with_collectives(Box::new(own));
+        }
+        let mut e = GpuExecutor::with_comm(
+            program.clone(),
+            plan.clone(),
+            &ptx,
+            weights,
+            device,
+            rank,
+            Box::new(comm),
+        )?;
+        let bound: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let out = e.run(&bound)?;
+        let sent = e.comm_stats().map_or(0, |s| s.total_bytes());
+        Ok::<_, GpuError>((out, sent, e.parallel_stats().seq_attentions))
+    })
 }
 
 #[test]

@@ -48,6 +48,10 @@ pub struct SeqAttentionLayout {
     /// log-sum-exp.
     pub acc: usize,
     pub acc_lse: usize,
+    /// Bytes from `k` to the end of `v` (one K/V block, as it travels around the ring),
+    /// and with `ring > 1` where the next block arrives while this one is attended to.
+    pub kv_span: usize,
+    pub kv_next: usize,
 }
 
 /// Ulysses and Ring members of `method` on `mesh`.
@@ -112,20 +116,24 @@ pub(crate) fn seq_attention(b: &mut Builder, cx: &Ctx, step: &Step) -> Result<St
     let kv_bytes = batch * keys * width * dtype.bytes();
     let lse_bytes = if r > 1 { batch * hm * rows * 4 } else { 0 };
     let acc_bytes = if r > 1 { batch * rows * width * 4 } else { 0 };
+    let (q_at, k_at, v_at) = (region(q_bytes), region(kv_bytes), region(kv_bytes));
+    let kv_span = v_at + kv_bytes - k_at;
     let layout = SeqAttentionLayout {
         ulysses: u,
         ring: r,
         heads: hm,
         rows,
         keys,
-        q: region(q_bytes),
-        k: region(kv_bytes),
-        v: region(kv_bytes),
+        q: q_at,
+        k: k_at,
+        v: v_at,
         mask: region(keys),
         out: region(q_bytes),
         lse: region(lse_bytes),
         acc: region(acc_bytes),
         acc_lse: region(lse_bytes),
+        kv_span,
+        kv_next: region(if r > 1 { kv_span } else { 0 }),
     };
     let mut args = vec![at(layout.out), at(layout.q), at(layout.k), at(layout.v)];
     if r > 1 {

@@ -149,13 +149,6 @@ impl CudaDevice {
         Ok(timed? as f64 / reps.max(1) as f64)
     }
 
-    /// Enqueues a device-to-device copy of `bytes` bytes.
-    pub fn copy(&mut self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
-        // SAFETY: the caller's allocations hold `bytes` bytes each.
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
-            .map_err(driver("cuMemcpyDtoDAsync"))
-    }
-
     fn bind(&self) -> Result<(), GpuError> {
         // SAFETY: the context lives as long as `self`.
         unsafe { drv::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))
@@ -467,6 +460,15 @@ impl Device for CudaDevice {
             )
         }
         .map_err(blas("cublasLtMatmul"))
+    }
+
+    fn copy(&mut self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller's allocations hold `bytes` bytes each.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(driver("cuMemcpyDtoDAsync"))
     }
 
     fn synchronize(&mut self) -> Result<(), GpuError> {

@@ -3,6 +3,7 @@
 use ditto_codegen::cuda::{CudaKernel, StorageDType};
 
 use super::GpuError;
+use crate::comm::Group;
 
 /// A device address. Allocations are at least 256-byte aligned (the generated kernels'
 /// 16-byte vector accesses rely on 16).
@@ -64,6 +65,8 @@ pub trait Device {
     ) -> Result<(), GpuError>;
     /// Enqueues a GEMM.
     fn gemm(&mut self, g: &Gemm) -> Result<(), GpuError>;
+    /// Enqueues a copy of `bytes` bytes between two places of this device.
+    fn copy(&mut self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError>;
     /// Waits for all enqueued work.
     fn synchronize(&mut self) -> Result<(), GpuError>;
     /// Starts recording the work enqueued from now on into a graph instead of running it.
@@ -78,5 +81,35 @@ pub trait Device {
     /// Enqueues the recorded graph.
     fn replay(&mut self) -> Result<(), GpuError> {
         Err(GpuError::Unsupported("graph replay".into()))
+    }
+
+    /// Whether this device exchanges data with the other ranks' devices itself (NCCL):
+    /// then the executor's collectives are the three below, ordered on the device's
+    /// stream; otherwise the executor stages them through the host communicator.
+    /// Ranks are global ranks, as for [`crate::comm::Communicator`]; sizes are bytes.
+    fn collectives(&self) -> bool {
+        false
+    }
+    /// `recv` = every member's `bytes` at `send`, in group order.
+    fn all_gather(
+        &mut self,
+        _group: &Group,
+        _send: DevicePtr,
+        _recv: DevicePtr,
+        _bytes: usize,
+    ) -> Result<(), GpuError> {
+        Err(GpuError::Unsupported("device collectives".into()))
+    }
+    /// Sends `bytes` at `send` to rank `to` and receives as many from rank `from` into
+    /// `recv` (a ring's step: every member calls it at once).
+    fn sendrecv(
+        &mut self,
+        _to: usize,
+        _send: DevicePtr,
+        _from: usize,
+        _recv: DevicePtr,
+        _bytes: usize,
+    ) -> Result<(), GpuError> {
+        Err(GpuError::Unsupported("device collectives".into()))
     }
 }

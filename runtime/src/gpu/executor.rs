@@ -418,6 +418,12 @@ impl<D: Device> GpuExecutor<D> {
             unreachable!("checked by check_plan");
         };
         let group = Group::new(self.program.mesh.group(self.rank, mesh));
+        if self.device.collectives() && group.size() > 1 {
+            let bytes = self.program.values[x].numel() * self.plan.value_dtypes[x].bytes();
+            return self
+                .device
+                .all_gather(&group, self.ptr(x)?, self.scratch, bytes);
+        }
         let local = self.read(x)?;
         let mut gathered = vec![0.0f32; local.len() * group.size()];
         if group.size() == 1 {
@@ -646,14 +652,26 @@ impl<D: Device> DeviceBlocks<'_, D> {
         let at = |off: usize| scratch + off as u64;
         self.device.upload(at(l.q), &encode(q, self.dtype))?;
         let p = ring.size();
+        let (next_rank, prev_rank) = (ring.ranks[(me + 1) % p], ring.ranks[(me + p - 1) % p]);
+        // Device collectives pass the blocks between the devices (the next block arrives
+        // in `kv_next`; on one stream that comes before this block's attention, a
+        // communication stream would overlap the two); otherwise they go through the host.
+        let on_device = self.device.collectives();
         let blk = k.len();
         let mut cur = Vec::with_capacity(2 * blk);
         cur.extend_from_slice(k);
         cur.extend_from_slice(v);
-        let mut next = vec![0.0f32; if p > 1 { 2 * blk } else { 0 }];
-        let (next_rank, prev_rank) = (ring.ranks[(me + 1) % p], ring.ranks[(me + p - 1) % p]);
+        let mut next = vec![0.0f32; if p > 1 && !on_device { 2 * blk } else { 0 }];
+        if on_device {
+            self.device.upload(at(l.k), &encode(k, self.dtype))?;
+            self.device.upload(at(l.v), &encode(v, self.dtype))?;
+        }
         for step in 0..p {
-            if step + 1 < p {
+            let last = step + 1 == p;
+            if !last && on_device {
+                self.device
+                    .sendrecv(next_rank, at(l.k), prev_rank, at(l.kv_next), l.kv_span)?;
+            } else if !last {
                 let comm = ctx.comm("ring attention")?;
                 comm.sendrecv(
                     next_rank,
@@ -669,15 +687,19 @@ impl<D: Device> DeviceBlocks<'_, D> {
                 .map(u8::from)
                 .collect();
             self.device.upload(at(l.mask), &mask)?;
-            self.device
-                .upload(at(l.k), &encode(&cur[..blk], self.dtype))?;
-            self.device
-                .upload(at(l.v), &encode(&cur[blk..], self.dtype))?;
+            if !on_device {
+                self.device
+                    .upload(at(l.k), &encode(&cur[..blk], self.dtype))?;
+                self.device
+                    .upload(at(l.v), &encode(&cur[blk..], self.dtype))?;
+            }
             self.launch(0)?;
             if p > 1 {
                 self.launch(if step == 0 { 1 } else { 2 })?;
             }
-            if step + 1 < p {
+            if !last && on_device {
+                self.device.copy(at(l.k), at(l.kv_next), l.kv_span)?;
+            } else if !last {
                 std::mem::swap(&mut cur, &mut next);
             }
         }

@@ -66,20 +66,40 @@ pub enum GpuError {
     Parallel(String),
 }
 
+/// Elements per parallel chunk of [`encode`] / [`decode`]: a checkpoint's weights are
+/// billions of values, converted once at load, so the conversion runs on every core.
+const CHUNK: usize = 1 << 16;
+
 /// `x` in storage type `d`, little-endian (bf16 rounds to nearest even, as the kernels'
 /// `__float2bfloat16_rn`).
 pub fn encode(x: &[f32], d: StorageDType) -> Vec<u8> {
-    match d {
-        StorageDType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StorageDType::Bf16 => x
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
-        StorageDType::F16 => x
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
+    use rayon::prelude::*;
+    let mut out = vec![0u8; x.len() * d.bytes()];
+    let one = |src: &[f32], dst: &mut [u8]| match d {
+        StorageDType::F32 => {
+            for (v, o) in src.iter().zip(dst.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        StorageDType::Bf16 => {
+            for (&v, o) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                o.copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
+            }
+        }
+        StorageDType::F16 => {
+            for (&v, o) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                o.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+            }
+        }
+    };
+    if x.len() <= CHUNK {
+        one(x, &mut out);
+    } else {
+        x.par_chunks(CHUNK)
+            .zip(out.par_chunks_mut(CHUNK * d.bytes()))
+            .for_each(|(src, dst)| one(src, dst));
     }
+    out
 }
 
 /// The first `n` elements of storage type `d` in `b`, as f32.

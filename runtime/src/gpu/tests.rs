@@ -68,6 +68,10 @@ impl Device for HostDevice {
         let bytes = encode(&c, g.dtype);
         self.upload(g.c, &bytes)
     }
+    fn copy(&mut self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        let data = self.download(src, bytes)?;
+        self.upload(dst, &data)
+    }
     fn synchronize(&mut self) -> Result<(), GpuError> {
         Ok(())
     }
