@@ -1130,6 +1130,9 @@ fn emulated_multi_rank_programs_match_the_serial_cpu_run() {
     }
 }
 
+/// One rank's outputs, bytes sent through the host communicator, parallel attentions.
+type RankRun = (Vec<Vec<f32>>, u64, u64);
+
 /// Every rank of `program` on its own emulated device, on threads with the in-process
 /// communicator; per rank its outputs, the bytes it sent through the host communicator
 /// and its parallel attentions. With `on_device` the devices get collectives of their own
@@ -1141,7 +1144,7 @@ fn run_emulated_ranks(
     weights: &[Vec<f32>],
     inputs: &[Vec<f32>],
     on_device: bool,
-) -> Result<Vec<(Vec<Vec<f32>>, u64, u64)>, ditto::runtime::comm::RankError> {
+) -> Result<Vec<RankRun>, ditto::runtime::comm::RankError> {
     use ditto::runtime::comm::{in_process_world, run_ranks};
     let world = program.mesh.world_size();
     let timeout = std::time::Duration::from_secs(300);
