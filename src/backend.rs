@@ -95,10 +95,22 @@ pub fn cuda_executor_with_comm(
     rank: usize,
     comm: Box<dyn Communicator>,
 ) -> Result<GpuExecutor<CudaDevice>, Error> {
-    let (device, plan, ptx) = prepare(&program, ordinal, dtype)?;
+    let (mut device, plan, ptx) = prepare(&program, ordinal, dtype)?;
+    let mut comm = comm;
+    if nccl_requested() {
+        device.enable_nccl(comm.as_mut())?;
+    }
     Ok(GpuExecutor::with_comm(
         program, plan, &ptx, weights, device, rank, comm,
     )?)
+}
+
+/// Set to 1 to exchange between GPUs with NCCL (all-gathers and Ring's K/V blocks device to
+/// device) instead of through the host. Off by default until the GPU checks have run it.
+pub const NCCL_ENV: &str = "DITTO_NCCL";
+
+fn nccl_requested() -> bool {
+    std::env::var(NCCL_ENV).is_ok_and(|v| v == "1")
 }
 
 /// The opened device, the program's plan and its kernels' PTX for that device.

@@ -263,3 +263,33 @@ fn multi_rank_program_on_one_gpu_matches_the_serial_run() {
         assert!(err <= 1e-4, "rank {rank}: {err:e}");
     }
 }
+
+/// NCCL on the one GPU: a world of one rank (NCCL refuses two ranks on one GPU), its
+/// all-gather and its send to itself moving bytes device to device. Needs `libnccl`.
+#[test]
+fn nccl_moves_bytes_device_to_device() {
+    use ditto::runtime::comm::{in_process_world, Group};
+    use ditto::runtime::gpu::Device;
+    if !gpu_or_skip() {
+        return;
+    }
+    if let Err(e) = require(Library::Nccl) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let mut device = CudaDevice::new(0).unwrap();
+    let mut host = in_process_world(1, std::time::Duration::from_secs(30)).remove(0);
+    device.enable_nccl(&mut host).unwrap();
+    assert!(device.collectives());
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let src = device.alloc(data.len(), "source").unwrap();
+    let dst = device.alloc(data.len(), "gathered").unwrap();
+    let back = device.alloc(data.len(), "received").unwrap();
+    device.upload(src, &data).unwrap();
+    device
+        .all_gather(&Group::world(1), src, dst, data.len())
+        .unwrap();
+    device.sendrecv(0, src, 0, back, data.len()).unwrap();
+    assert_eq!(device.download(dst, data.len()).unwrap(), data);
+    assert_eq!(device.download(back, data.len()).unwrap(), data);
+}

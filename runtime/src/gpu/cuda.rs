@@ -10,7 +10,9 @@ use ditto_codegen::cuda::{CudaKernel, StorageDType};
 
 use super::device::{Device, DevicePtr, Gemm, LaunchArg};
 use super::libraries::{self, Library};
+use super::nccl::Nccl;
 use super::GpuError;
+use crate::comm::{Communicator, Group};
 
 /// cuBLASLt workspace: NVIDIA's recommendation for Hopper (32 MiB; 4 MiB suffices before).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -52,6 +54,8 @@ pub struct CudaDevice {
     /// Per GEMM shape (a [`Gemm`] without its operand addresses).
     gemms: HashMap<Gemm, GemmPlan>,
     graph: Option<sys::CUgraphExec>,
+    /// Collectives with the other ranks' devices, once [`enable_nccl`](Self::enable_nccl).
+    nccl: Option<Nccl>,
 }
 
 impl CudaDevice {
@@ -95,9 +99,19 @@ impl CudaDevice {
             workspace: 0,
             gemms: HashMap::new(),
             graph: None,
+            nccl: None,
         };
         d.workspace = d.alloc(WORKSPACE_BYTES, "cuBLASLt workspace")?;
         Ok(d)
+    }
+
+    /// Makes this device exchange with the other ranks' devices through NCCL (every rank
+    /// of `host`'s world calls this at once); the executor's collectives then run on the
+    /// device instead of through the host.
+    pub fn enable_nccl(&mut self, host: &mut dyn Communicator) -> Result<(), GpuError> {
+        self.bind()?;
+        self.nccl = Some(Nccl::new(host)?);
+        Ok(())
     }
 
     /// GPUs on this machine.
@@ -147,6 +161,12 @@ impl CudaDevice {
         // SAFETY: created above, no longer recorded.
         let _ = unsafe { drv::event::destroy(start) };
         Ok(timed? as f64 / reps.max(1) as f64)
+    }
+
+    fn nccl_mut(&mut self) -> Result<&mut Nccl, GpuError> {
+        self.nccl
+            .as_mut()
+            .ok_or_else(|| GpuError::Unsupported("collectives before enable_nccl".into()))
     }
 
     fn bind(&self) -> Result<(), GpuError> {
@@ -477,6 +497,37 @@ impl Device for CudaDevice {
         unsafe { drv::stream::synchronize(self.stream) }.map_err(driver("cuStreamSynchronize"))
     }
 
+    fn collectives(&self) -> bool {
+        self.nccl.is_some()
+    }
+
+    fn all_gather(
+        &mut self,
+        group: &Group,
+        send: DevicePtr,
+        recv: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
+        self.bind()?;
+        let stream = self.stream as *mut c_void;
+        self.nccl_mut()?
+            .all_gather(group, send, recv, bytes, stream)
+    }
+
+    fn sendrecv(
+        &mut self,
+        to: usize,
+        send: DevicePtr,
+        from: usize,
+        recv: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
+        self.bind()?;
+        let stream = self.stream as *mut c_void;
+        self.nccl_mut()?
+            .sendrecv(to, send, from, recv, bytes, stream)
+    }
+
     fn begin_capture(&mut self) -> Result<bool, GpuError> {
         self.bind()?;
         // SAFETY: the stream is live and not capturing.
@@ -526,6 +577,8 @@ impl Drop for CudaDevice {
         unsafe {
             let _ = drv::ctx::set_current(self.ctx);
             let _ = drv::stream::synchronize(self.stream);
+            // NCCL's communicators go before the context they live in.
+            self.nccl = None;
             if let Some(g) = self.graph.take() {
                 let _ = drv::graph::exec_destroy(g);
             }

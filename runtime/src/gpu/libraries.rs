@@ -19,6 +19,8 @@ pub enum Library {
     Driver,
     /// cuBLASLt (GEMMs).
     CublasLt,
+    /// NCCL (collectives between GPUs), opened by ditto itself (see `gpu::nccl`).
+    Nccl,
 }
 
 impl Library {
@@ -26,12 +28,14 @@ impl Library {
         match self {
             Library::Driver => &["libcuda.so.1", "libcuda.so"],
             Library::CublasLt => &["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"],
+            Library::Nccl => &["libnccl.so.2", "libnccl.so"],
         }
     }
     fn what(self) -> &'static str {
         match self {
             Library::Driver => "libcuda (the NVIDIA driver's CUDA library)",
             Library::CublasLt => "libcublasLt (cuBLASLt)",
+            Library::Nccl => "libnccl (NCCL)",
         }
     }
     fn hint(self) -> &'static str {
@@ -44,6 +48,10 @@ impl Library {
                 "Install it (e.g. `pip install nvidia-cublas==13.0.*`, or the CUDA toolkit) and \
                  add its folder to LD_LIBRARY_PATH"
             }
+            Library::Nccl => {
+                "Install it (e.g. `pip install nvidia-nccl-cu13`), or leave DITTO_NCCL unset to \
+                 exchange through the host"
+            }
         }
     }
 }
@@ -53,6 +61,12 @@ static OPENED: Mutex<Vec<libloading::Library>> = Mutex::new(Vec::new());
 
 /// Makes sure `lib` can be loaded, loading it if needed.
 pub fn require(lib: Library) -> Result<(), GpuError> {
+    find(lib).map(|_| ())
+}
+
+/// Where `lib` is: a name the loader finds, or a full path. It stays loaded for the life
+/// of the process.
+pub fn find(lib: Library) -> Result<PathBuf, GpuError> {
     let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
     let mut tried: Vec<String> = Vec::new();
     let mut candidates: Vec<PathBuf> = lib.names().iter().map(PathBuf::from).collect();
@@ -71,7 +85,7 @@ pub fn require(lib: Library) -> Result<(), GpuError> {
         match unsafe { libloading::Library::new(&c) } {
             Ok(l) => {
                 opened.push(l);
-                return Ok(());
+                return Ok(c);
             }
             Err(_) => tried.push(c.display().to_string()),
         }
@@ -81,4 +95,24 @@ pub fn require(lib: Library) -> Result<(), GpuError> {
         tried,
         hint: lib.hint().into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_named_with_what_was_tried() {
+        // Where NCCL is installed this only finds it; where it is not (CI), the error
+        // names the library, every place tried, and the way out.
+        match find(Library::Nccl) {
+            Ok(path) => eprintln!("NCCL found: {}", path.display()),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("libnccl (NCCL) was not found"), "{msg}");
+                assert!(msg.contains("libnccl.so.2"), "{msg}");
+                assert!(msg.contains("DITTO_NCCL"), "{msg}");
+            }
+        }
+    }
 }

@@ -23,6 +23,7 @@ mod cuda;
 mod device;
 mod executor;
 pub mod libraries;
+mod nccl;
 
 pub use cuda::CudaDevice;
 pub use device::{Device, DevicePtr, Gemm, LaunchArg};
