@@ -58,7 +58,7 @@ pub use nvrtc::{
 };
 pub use plan::{cuda_plan, cuda_sources, CudaPlan, KArg, Launch, LibraryOp, StepPlan};
 pub use ptxas::{find_ptxas, ptxas_info, PtxasFunction, PTXAS_ENV};
-pub use seq_attention::{seq_groups, SeqAttentionLayout};
+pub use seq_attention::{seq_groups, SeqAttentionLaunches, SeqAttentionLayout};
 
 /// How weights and intermediate values are stored on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -514,6 +514,19 @@ impl Device for CudaDevice {
             .all_gather(group, send, recv, bytes, stream)
     }
 
+    fn all_to_all(
+        &mut self,
+        group: &Group,
+        send: DevicePtr,
+        recv: DevicePtr,
+        chunk: usize,
+    ) -> Result<(), GpuError> {
+        self.bind()?;
+        let stream = self.stream as *mut c_void;
+        self.nccl_mut()?
+            .all_to_all(group, send, recv, chunk, stream)
+    }
+
     fn sendrecv(
         &mut self,
         to: usize,

@@ -100,6 +100,17 @@ pub trait Device {
     ) -> Result<(), GpuError> {
         Err(GpuError::Unsupported("device collectives".into()))
     }
+    /// `recv` chunk j = what member j sent this rank: its chunk for this rank's index, of
+    /// `chunk` bytes (chunk j of `send` goes to member j).
+    fn all_to_all(
+        &mut self,
+        _group: &Group,
+        _send: DevicePtr,
+        _recv: DevicePtr,
+        _chunk: usize,
+    ) -> Result<(), GpuError> {
+        Err(GpuError::Unsupported("device collectives".into()))
+    }
     /// Sends `bytes` at `send` to rank `to` and receives as many from rank `from` into
     /// `recv` (a ring's step: every member calls it at once).
     fn sendrecv(

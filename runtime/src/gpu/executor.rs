@@ -40,13 +40,13 @@ enum Graph {
 
 /// Executes one rank of a Program and its [`CudaPlan`] on a device.
 ///
-/// A multi-rank program's communication is staged through the host for now: an all-gather
-/// downloads the rank's rows, exchanges them with the communicator (in-process or TCP) and
-/// uploads the result for the plan's launches; sequence-parallel attention (Ulysses, Ring,
-/// USP) exchanges the downloaded q, k, v as the CPU backend does (the same code), and runs
-/// the attention of every K/V block and the merges on the device. That is exact, and the
-/// exchange is what NCCL on the device replaces; such programs are not captured as a
-/// graph (the host takes part in every step).
+/// A multi-rank program exchanges data with the other ranks either on the device, when it
+/// has collectives of its own ([`Device::collectives`]: NCCL), or through the host
+/// communicator (in-process or TCP): an all-gather's rows are downloaded, exchanged and
+/// uploaded for the plan's launches; sequence-parallel attention (Ulysses, Ring, USP)
+/// exchanges the downloaded q, k, v as the CPU backend does (the same code). Either way the
+/// attention of every K/V block and the merges run on the device. Such programs are not
+/// captured as a graph (the host takes part in every step: the masks, the host path).
 pub struct GpuExecutor<D: Device> {
     program: Arc<Program>,
     plan: Arc<CudaPlan>,
@@ -436,10 +436,11 @@ impl<D: Device> GpuExecutor<D> {
         self.device.upload(self.scratch, &bytes)
     }
 
-    /// `Step::SeqAttention`: the exchange on the host (the CPU backend's Ulysses
-    /// all-to-all and Ring K/V passing, over this rank's downloaded q, k, v), the attention
-    /// of every K/V block and the merges on the device (the plan's launches over its
-    /// scratch layout); the output uploaded.
+    /// `Step::SeqAttention`. The attention of every K/V block and the merges run on the
+    /// device (the plan's launches over its scratch layout). The exchanges run on the
+    /// device too when it has collectives (NCCL); otherwise q, k, v are downloaded and
+    /// exchanged through the host as the CPU backend does (the same code), and the output
+    /// uploaded.
     fn seq_attention(&mut self, si: usize, step: &Step) -> Result<(), GpuError> {
         let Step::SeqAttention {
             q,
@@ -468,8 +469,6 @@ impl<D: Device> GpuExecutor<D> {
             .iter()
             .map(|l| self.bind(l))
             .collect::<Result<_, _>>()?;
-        let (qh, kh, vh) = (self.read(q)?, self.read(k)?, self.read(v)?);
-        let mut o = vec![0.0f32; self.program.values[out].numel()];
         let a = SeqAttn {
             method,
             batch,
@@ -481,6 +480,26 @@ impl<D: Device> GpuExecutor<D> {
             key_segments,
         };
         let dtype = plan.value_dtypes[q];
+        let on_device = self.device.collectives();
+        let host = if on_device {
+            None
+        } else {
+            Some((self.read(q)?, self.read(k)?, self.read(v)?))
+        };
+        let qkv = [q, k, v].map(|x| {
+            (
+                self.ptr(x),
+                self.program.values[x].numel() * plan.value_dtypes[x].bytes(),
+            )
+        });
+        let mut o = vec![
+            0.0f32;
+            if on_device {
+                0
+            } else {
+                self.program.values[out].numel()
+            }
+        ];
         let (scratch, rank, mesh) = (self.scratch, self.rank, self.program.mesh);
         let GpuExecutor {
             device,
@@ -510,7 +529,7 @@ impl<D: Device> GpuExecutor<D> {
                 ))
                 .into());
             }
-            let block = DeviceBlocks {
+            let mut blocks = DeviceBlocks {
                 device,
                 launches: &launches,
                 scratch,
@@ -518,25 +537,42 @@ impl<D: Device> GpuExecutor<D> {
                 dtype,
                 segments: key_segments,
             };
-            parallel::around_ulysses(
-                &mut ctx,
-                &g.ulysses,
-                g.split,
-                &a,
-                &qh,
-                &kh,
-                &vh,
-                &mut o,
-                |ctx, q, k, v, o| block.ring(ctx, &g.ring, g.ring_index, q, k, v, o),
-            )
+            blocks.upload_masks()?;
+            match &host {
+                None => {
+                    let mut ptrs = [0u64; 3];
+                    let mut bytes = [0usize; 3];
+                    for (i, (p, n)) in qkv.iter().enumerate() {
+                        ptrs[i] = *p.as_ref().map_err(|e| GpuError::Plan(e.to_string()))?;
+                        bytes[i] = *n;
+                    }
+                    blocks.exchange_on_device(&g, ptrs, bytes)
+                }
+                Some((qh, kh, vh)) => parallel::around_ulysses(
+                    &mut ctx,
+                    &g.ulysses,
+                    g.split,
+                    &a,
+                    qh,
+                    kh,
+                    vh,
+                    &mut o,
+                    |ctx, q, k, v, o| {
+                        blocks.ring_through_host(ctx, &g.ring, g.ring_index, q, k, v, o)
+                    },
+                ),
+            }
         })();
         run.map_err(|e| match e {
             crate::RuntimeError::Gpu(g) => g,
             crate::RuntimeError::Comm(c) => GpuError::Comm(c),
             other => GpuError::Parallel(other.to_string()),
         })?;
-        let bytes = encode(&o, plan.value_dtypes[out]);
-        self.device.upload(self.ptr(out)?, &bytes)
+        if !on_device {
+            let bytes = encode(&o, plan.value_dtypes[out]);
+            self.device.upload(self.ptr(out)?, &bytes)?;
+        }
+        Ok(())
     }
 
     fn launches(&mut self, si: usize) -> Result<(), GpuError> {
@@ -597,6 +633,7 @@ impl<D: Device> GpuExecutor<D> {
 }
 
 /// A planned launch with its arguments resolved to device addresses.
+#[derive(Clone)]
 struct BoundLaunch {
     kernel: usize,
     grid: [u32; 3],
@@ -630,16 +667,114 @@ struct DeviceBlocks<'a, D: Device> {
 }
 
 impl<D: Device> DeviceBlocks<'_, D> {
+    fn at(&self, offset: usize) -> DevicePtr {
+        self.scratch + offset as u64
+    }
+
     fn launch(&mut self, i: usize) -> Result<(), GpuError> {
         self.launches[i].enqueue(self.device)
     }
 
-    /// Attention of `q` over every ring member's K/V block, the blocks passed around the
-    /// ring on the host as the CPU backend's Ring attention passes them; `o` gets the
-    /// merged output.
+    /// Every ring member's block mask into the mask area, once per step.
+    fn upload_masks(&mut self) -> Result<(), GpuError> {
+        let l = self.layout;
+        let masks: Vec<u8> = (0..l.ring)
+            .flat_map(|owner| parallel::block_mask(self.segments, l.ulysses, owner))
+            .map(u8::from)
+            .collect();
+        self.device.upload(self.at(l.mask), &masks)
+    }
+
+    /// Attention of the current K/V block (ring member `owner`'s) and, with Ring, its
+    /// merge into the accumulator (`step` 0 starts it).
+    fn block(&mut self, owner: usize, step: usize) -> Result<(), GpuError> {
+        let l = self.layout;
+        let ix = l.launches();
+        let mut attention = self.launches[ix.attention].clone();
+        if let Some(mask) = attention.args.last_mut() {
+            *mask = LaunchArg::Ptr(self.at(l.mask + owner * l.keys));
+        }
+        attention.enqueue(self.device)?;
+        match (step, ix.merge_first, ix.merge) {
+            (0, Some(first), _) => self.launch(first),
+            (_, _, Some(merge)) => self.launch(merge),
+            _ => Ok(()),
+        }
+    }
+
+    /// The whole attention on the device: q, k, v from their values (through the Ulysses
+    /// all-to-all with `ulysses > 1`), the K/V blocks passed around the ring device to
+    /// device, the result into the output value (back through the all-to-all).
+    fn exchange_on_device(
+        &mut self,
+        g: &parallel::SeqGroups,
+        qkv: [DevicePtr; 3],
+        bytes: [usize; 3],
+    ) -> Result<(), crate::RuntimeError> {
+        let l = self.layout;
+        let ix = l.launches();
+        match (ix.pack, ix.interleave) {
+            (Some(pack), Some(interleave)) => {
+                for i in pack {
+                    self.launch(i)?;
+                }
+                self.device.all_to_all(
+                    &g.ulysses,
+                    self.at(l.a2a_send),
+                    self.at(l.a2a_recv),
+                    l.a2a_chunk,
+                )?;
+                for i in interleave {
+                    self.launch(i)?;
+                }
+            }
+            _ => {
+                for ((src, n), dst) in qkv.into_iter().zip(bytes).zip([l.q, l.k, l.v]) {
+                    self.device.copy(self.at(dst), src, n)?;
+                }
+            }
+        }
+        let (p, me) = (g.ring.size(), g.ring_index);
+        let (next, prev) = (g.ring.ranks[(me + 1) % p], g.ring.ranks[(me + p - 1) % p]);
+        for step in 0..p {
+            let last = step + 1 == p;
+            if !last {
+                // On one stream this arrives before the block's attention runs; a
+                // communication stream would overlap the two.
+                self.device
+                    .sendrecv(next, self.at(l.k), prev, self.at(l.kv_next), l.kv_span)?;
+            }
+            self.block((me + p - step) % p, step)?;
+            if !last {
+                self.device
+                    .copy(self.at(l.k), self.at(l.kv_next), l.kv_span)?;
+            }
+        }
+        match (ix.deinterleave, ix.unpack, ix.finish) {
+            (Some(deinterleave), Some(unpack), _) => {
+                self.launch(deinterleave)?;
+                self.device.all_to_all(
+                    &g.ulysses,
+                    self.at(l.a2a_send),
+                    self.at(l.a2a_recv),
+                    l.a2a_out_chunk,
+                )?;
+                self.launch(unpack)?;
+            }
+            (_, _, Some(finish)) => self.launch(finish)?,
+            _ => {
+                return Err(GpuError::Plan("no launch writes the attention's output".into()).into())
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention of `q` (this rank's share after the host's Ulysses exchange) over every
+    /// ring member's K/V block, the blocks passed around the ring on the host as the CPU
+    /// backend's Ring attention passes them; `o` gets the merged output.
     #[allow(clippy::too_many_arguments)]
-    fn ring(
-        mut self,
+    fn ring_through_host(
+        &mut self,
         ctx: &mut RankCtx,
         ring: &Group,
         me: usize,
@@ -648,30 +783,18 @@ impl<D: Device> DeviceBlocks<'_, D> {
         v: &[f32],
         o: &mut [f32],
     ) -> Result<(), crate::RuntimeError> {
-        let (l, scratch) = (self.layout, self.scratch);
-        let at = |off: usize| scratch + off as u64;
-        self.device.upload(at(l.q), &encode(q, self.dtype))?;
+        let l = self.layout;
+        self.device.upload(self.at(l.q), &encode(q, self.dtype))?;
         let p = ring.size();
         let (next_rank, prev_rank) = (ring.ranks[(me + 1) % p], ring.ranks[(me + p - 1) % p]);
-        // Device collectives pass the blocks between the devices (the next block arrives
-        // in `kv_next`; on one stream that comes before this block's attention, a
-        // communication stream would overlap the two); otherwise they go through the host.
-        let on_device = self.device.collectives();
         let blk = k.len();
         let mut cur = Vec::with_capacity(2 * blk);
         cur.extend_from_slice(k);
         cur.extend_from_slice(v);
-        let mut next = vec![0.0f32; if p > 1 && !on_device { 2 * blk } else { 0 }];
-        if on_device {
-            self.device.upload(at(l.k), &encode(k, self.dtype))?;
-            self.device.upload(at(l.v), &encode(v, self.dtype))?;
-        }
+        let mut next = vec![0.0f32; if p > 1 { 2 * blk } else { 0 }];
         for step in 0..p {
             let last = step + 1 == p;
-            if !last && on_device {
-                self.device
-                    .sendrecv(next_rank, at(l.k), prev_rank, at(l.kv_next), l.kv_span)?;
-            } else if !last {
+            if !last {
                 let comm = ctx.comm("ring attention")?;
                 comm.sendrecv(
                     next_rank,
@@ -681,34 +804,19 @@ impl<D: Device> DeviceBlocks<'_, D> {
                     crate::parallel::ring::RING_TAG,
                 )?;
             }
-            let owner = (me + p - step) % p;
-            let mask: Vec<u8> = parallel::block_mask(self.segments, l.ulysses, owner)
-                .into_iter()
-                .map(u8::from)
-                .collect();
-            self.device.upload(at(l.mask), &mask)?;
-            if !on_device {
-                self.device
-                    .upload(at(l.k), &encode(&cur[..blk], self.dtype))?;
-                self.device
-                    .upload(at(l.v), &encode(&cur[blk..], self.dtype))?;
-            }
-            self.launch(0)?;
-            if p > 1 {
-                self.launch(if step == 0 { 1 } else { 2 })?;
-            }
-            if !last && on_device {
-                self.device.copy(at(l.k), at(l.kv_next), l.kv_span)?;
-            } else if !last {
+            self.device
+                .upload(self.at(l.k), &encode(&cur[..blk], self.dtype))?;
+            self.device
+                .upload(self.at(l.v), &encode(&cur[blk..], self.dtype))?;
+            self.block((me + p - step) % p, step)?;
+            if !last {
                 std::mem::swap(&mut cur, &mut next);
             }
         }
-        let (from, d) = if p > 1 {
-            (l.acc, StorageDType::F32)
-        } else {
-            (l.out, self.dtype)
-        };
-        let bytes = self.device.download(at(from), o.len() * d.bytes())?;
+        let d = if p > 1 { StorageDType::F32 } else { self.dtype };
+        let bytes = self
+            .device
+            .download(self.at(l.result()), o.len() * d.bytes())?;
         o.copy_from_slice(&decode(&bytes, d, o.len()));
         Ok(())
     }

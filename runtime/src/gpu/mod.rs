@@ -9,7 +9,8 @@
 //! Program's launches never change: only the input bytes do.
 //!
 //! Multi-rank programs run one executor per rank, each with its communicator; their
-//! exchanges are staged through the host for now (see [`GpuExecutor`]).
+//! exchanges run on the device with NCCL (`CudaDevice::enable_nccl`) or through the host
+//! (see [`GpuExecutor`]).
 //!
 //! [`Device`] is the seam between that logic and CUDA: [`CudaDevice`] implements it with
 //! the driver API and cuBLASLt (through cudarc, loaded at run time), and the tests

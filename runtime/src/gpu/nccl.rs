@@ -204,6 +204,54 @@ impl Nccl {
         })
     }
 
+    /// Chunk j of `send` (`chunk` bytes) to member j of `group`, chunk j of `recv` from
+    /// member j: grouped sends and receives (NCCL has no all-to-all of its own).
+    pub(crate) fn all_to_all(
+        &mut self,
+        group: &Group,
+        send: DevicePtr,
+        recv: DevicePtr,
+        chunk: usize,
+        stream: *mut c_void,
+    ) -> Result<(), GpuError> {
+        let comm = self.comm(group)?;
+        let api = &self.api;
+        // SAFETY: both buffers hold `group.size() * chunk` bytes on this device; the group
+        // makes every send and receive one operation.
+        unsafe {
+            api.check("ncclGroupStart", (api.group_start)())?;
+            let mut result = Ok(());
+            for j in 0..group.size() {
+                let off = (j * chunk) as u64;
+                result = result
+                    .and(api.check(
+                        "ncclSend",
+                        (api.send)(
+                            (send + off) as *const c_void,
+                            chunk,
+                            BYTES,
+                            j as c_int,
+                            comm,
+                            stream,
+                        ),
+                    ))
+                    .and(api.check(
+                        "ncclRecv",
+                        (api.recv)(
+                            (recv + off) as *mut c_void,
+                            chunk,
+                            BYTES,
+                            j as c_int,
+                            comm,
+                            stream,
+                        ),
+                    ));
+            }
+            let ended = api.check("ncclGroupEnd", (api.group_end)());
+            result.and(ended)
+        }
+    }
+
     /// Sends `bytes` at `send` to global rank `to` and receives as many from `from`.
     pub(crate) fn sendrecv(
         &mut self,
