@@ -356,6 +356,13 @@ pub fn bench_model(opts: &ForwardBenchOptions) -> Result<BenchModel, Error> {
 }
 
 fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBenchReport, Error> {
+    if let Backend::Cuda { ordinal, .. } = opts.backend {
+        // Before minutes of weight generation: is there such a GPU at all?
+        let count = CudaDevice::count()?;
+        if ordinal >= count {
+            return Err(ditto_runtime::gpu::GpuError::NoDevice { ordinal, count }.into());
+        }
+    }
     let BenchModel {
         dir,
         family,
