@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use ditto_codegen::cuda::{cuda_include_dirs, cuda_plan, CudaPlan, KernelCache, StorageDType};
 use ditto_codegen::Program;
-use ditto_runtime::comm::Communicator;
-use ditto_runtime::gpu::{CudaDevice, GpuExecutor};
+use ditto_runtime::comm::{CommStats, Communicator};
+use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
+use ditto_runtime::gpu::{CudaDevice, Device, GpuExecutor};
 
 use crate::Error;
 
@@ -57,6 +58,90 @@ impl std::fmt::Display for Backend {
         match self {
             Backend::Cpu => f.write_str("cpu"),
             Backend::Cuda { ordinal, dtype } => write!(f, "cuda:{ordinal} ({dtype})"),
+        }
+    }
+}
+
+/// A program bound to its weights on one backend.
+pub enum Executor {
+    Cpu(CpuExecutor),
+    Cuda(Box<GpuExecutor<CudaDevice>>),
+}
+
+impl Executor {
+    /// A single-rank program on `backend` (on the GPU: its kernels compiled, its weights
+    /// uploaded).
+    pub fn on(
+        backend: Backend,
+        program: Arc<Program>,
+        weights: Weights,
+    ) -> Result<Executor, Error> {
+        Ok(match backend {
+            Backend::Cpu => Executor::Cpu(CpuExecutor::new(program, weights)?),
+            Backend::Cuda { ordinal, dtype } => {
+                Executor::Cuda(Box::new(cuda_executor(program, &weights, ordinal, dtype)?))
+            }
+        })
+    }
+
+    /// Rank `rank` of a multi-rank program on `backend`, talking to the others through
+    /// `comm`.
+    pub fn with_comm_on(
+        backend: Backend,
+        program: Arc<Program>,
+        weights: Weights,
+        rank: usize,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Executor, Error> {
+        Ok(match backend {
+            Backend::Cpu => Executor::Cpu(CpuExecutor::with_comm(program, weights, rank, comm)?),
+            Backend::Cuda { ordinal, dtype } => Executor::Cuda(Box::new(cuda_executor_with_comm(
+                program, &weights, ordinal, dtype, rank, comm,
+            )?)),
+        })
+    }
+
+    /// Runs on `inputs` (f32, `Program::inputs` order).
+    pub fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+        Ok(match self {
+            Executor::Cpu(e) => e.run(inputs)?,
+            Executor::Cuda(e) => e.run(inputs)?,
+        })
+    }
+
+    pub fn program(&self) -> &Program {
+        match self {
+            Executor::Cpu(e) => e.program(),
+            Executor::Cuda(e) => e.program(),
+        }
+    }
+
+    /// Bytes this rank sent, per collective (multi-rank executors).
+    pub fn comm_stats(&self) -> Option<&CommStats> {
+        match self {
+            Executor::Cpu(e) => e.comm_stats(),
+            Executor::Cuda(e) => e.comm_stats(),
+        }
+    }
+
+    /// Where it runs, for reports: the GPU, its storage type and device memory.
+    pub fn describe(&self) -> String {
+        match self {
+            Executor::Cpu(_) => "cpu (f32)".into(),
+            Executor::Cuda(e) => {
+                let m = e.memory();
+                let mib = |b: usize| b as f64 / (1 << 20) as f64;
+                format!(
+                    "{}, {} storage; device memory {:.1} MiB (weights {:.1}, activations {:.1}, scratch {:.1}){}",
+                    e.device().describe(),
+                    e.plan().dtype,
+                    mib(m.total()),
+                    mib(m.weights),
+                    mib(m.buffers),
+                    mib(m.scratch),
+                    if e.graph_captured() { ", steps as one CUDA graph" } else { "" }
+                )
+            }
         }
     }
 }

@@ -20,66 +20,10 @@ use ditto_codegen::{Program, Step};
 use ditto_ir::{Graph, Op};
 use ditto_models::tensor_file::{write_tensors, HostTensor};
 use ditto_models::BuildOptions;
-use ditto_runtime::cpu::executor::CpuExecutor;
+use ditto_runtime::gpu::CudaDevice;
 
-use crate::backend::cuda_executor;
+use crate::backend::Executor;
 use crate::{Backend, CompileOptions, Error, Model};
-use ditto_runtime::gpu::{CudaDevice, Device, GpuExecutor};
-
-/// The executor a benchmark times.
-enum BenchExecutor {
-    Cpu(CpuExecutor),
-    Cuda(Box<GpuExecutor<CudaDevice>>),
-}
-
-impl BenchExecutor {
-    fn run(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
-        Ok(match self {
-            BenchExecutor::Cpu(e) => e.run(inputs)?,
-            BenchExecutor::Cuda(e) => e.run(inputs)?,
-        })
-    }
-    /// Outputs and seconds per step kind (the CPU backend only: GPU steps run
-    /// asynchronously, timed as a whole, uploads and downloads included).
-    #[allow(clippy::type_complexity)]
-    fn run_profiled(
-        &mut self,
-        inputs: &[&[f32]],
-    ) -> Result<(Vec<Vec<f32>>, Vec<(&'static str, f64)>), Error> {
-        match self {
-            BenchExecutor::Cpu(e) => {
-                let (out, profile) = e.run_profiled(inputs)?;
-                Ok((
-                    out,
-                    profile
-                        .by_kind
-                        .into_iter()
-                        .map(|(k, s, _)| (k, s))
-                        .collect(),
-                ))
-            }
-            BenchExecutor::Cuda(e) => Ok((e.run(inputs)?, Vec::new())),
-        }
-    }
-    fn describe(&self) -> String {
-        match self {
-            BenchExecutor::Cpu(_) => "cpu (f32)".into(),
-            BenchExecutor::Cuda(e) => {
-                let m = e.memory();
-                format!(
-                    "{}, {} storage; device memory {:.1} MiB (weights {:.1}, activations {:.1}, scratch {:.1}){}",
-                    e.device().describe(),
-                    e.plan().dtype,
-                    m.total() as f64 / 1048576.0,
-                    m.weights as f64 / 1048576.0,
-                    m.buffers as f64 / 1048576.0,
-                    m.scratch as f64 / 1048576.0,
-                    if e.graph_captured() { ", steps as one CUDA graph" } else { "" }
-                )
-            }
-        }
-    }
-}
 
 /// PixArt-Σ XL/2 at 256×256 (`PixArt-alpha/PixArt-Sigma-XL-2-256x256`): 28 blocks, 16 heads of
 /// 72, T5-XXL captions (4096 wide), a 32×32 latent and the PE interpolation scale 0.5 that
@@ -358,10 +302,7 @@ pub fn bench_model(opts: &ForwardBenchOptions) -> Result<BenchModel, Error> {
 fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBenchReport, Error> {
     if let Backend::Cuda { ordinal, .. } = opts.backend {
         // Before minutes of weight generation: is there such a GPU at all?
-        let count = CudaDevice::count()?;
-        if ordinal >= count {
-            return Err(ditto_runtime::gpu::GpuError::NoDevice { ordinal, count }.into());
-        }
+        CudaDevice::check_ordinal(ordinal)?;
     }
     let BenchModel {
         dir,
@@ -378,16 +319,10 @@ fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBe
     let loaded = model.load_weights(&compiled.program)?;
     let mut load_s = t0.elapsed().as_secs_f64();
     let program = Arc::new(compiled.program);
-    let mut exec = match opts.backend {
-        Backend::Cpu => BenchExecutor::Cpu(CpuExecutor::new(program.clone(), loaded)?),
-        Backend::Cuda { ordinal, dtype } => {
-            let t0 = Instant::now();
-            let e = cuda_executor(program.clone(), &loaded, ordinal, dtype)?;
-            drop(loaded);
-            load_s += t0.elapsed().as_secs_f64();
-            BenchExecutor::Cuda(Box::new(e))
-        }
-    };
+    let t0 = Instant::now();
+    let mut exec = Executor::on(opts.backend, program.clone(), loaded)?;
+    // On the GPU: compiling the kernels and uploading the weights.
+    load_s += t0.elapsed().as_secs_f64();
 
     let mut bound: Vec<&[f32]> = Vec::with_capacity(program.inputs.len());
     for b in &program.inputs {
@@ -409,9 +344,17 @@ fn bench_in_pool(opts: &ForwardBenchOptions, threads: usize) -> Result<ForwardBe
     for _ in 0..opts.iters {
         // Profiling costs two clock reads per step (~1k steps), far below the noise.
         let t0 = Instant::now();
-        let (out, by_step_kind) = exec.run_profiled(&bound)?;
+        // Per step kind on the CPU backend only: GPU steps run asynchronously, timed as a
+        // whole, uploads and downloads included.
+        let (out, by_step_kind) = match &mut exec {
+            Executor::Cpu(e) => {
+                let (out, profile) = e.run_profiled(&bound)?;
+                (out, profile.by_kind)
+            }
+            other => (other.run(&bound)?, Vec::new()),
+        };
         times.push(t0.elapsed().as_secs_f64());
-        for (kind, secs) in by_step_kind {
+        for (kind, secs, _) in by_step_kind {
             match by_kind.iter_mut().find(|(k, _)| *k == kind) {
                 Some(e) => e.1 += secs,
                 None => by_kind.push((kind, secs)),

@@ -877,11 +877,8 @@ fn compile_cuda_kernels(
     out: Option<&Path>,
 ) -> Result<()> {
     use ditto::codegen::cuda::{compile_ptx, cuda_include_dirs, cuda_sources, StorageDType};
-    let dtype = match dtype {
-        "bf16" => StorageDType::Bf16,
-        "f16" => StorageDType::F16,
-        "f32" => StorageDType::F32,
-        other => bail!("unknown --dtype `{other}` (bf16, f16 or f32)"),
+    let Some(dtype) = StorageDType::parse(dtype) else {
+        bail!("unknown --dtype `{dtype}` (bf16, f16 or f32)");
     };
     let kernels = cuda_sources(p, dtype)?;
     let t0 = std::time::Instant::now();

@@ -19,11 +19,10 @@ use ditto_passes::{
     Verify,
 };
 use ditto_runtime::comm::{CommStats, Communicator};
-use ditto_runtime::cpu::executor::{CpuExecutor, Weights};
-use ditto_runtime::gpu::{CudaDevice, GpuExecutor};
+use ditto_runtime::cpu::executor::Weights;
 use ditto_runtime::parallel::stale::StaleState;
 
-use crate::backend::{cuda_executor, cuda_executor_with_comm, Backend};
+use crate::backend::{Backend, Executor};
 use crate::parallel::{RankOptions, Ranks};
 use crate::Error;
 
@@ -372,12 +371,6 @@ fn check_equal_patches(graph: &Graph, parts: usize) -> Result<(), Error> {
     }
 }
 
-/// The executor a session runs on.
-enum Executor {
-    Cpu(CpuExecutor),
-    Cuda(Box<GpuExecutor<CudaDevice>>),
-}
-
 /// A compiled program bound to its weights on a backend.
 pub struct Session {
     executor: Executor,
@@ -388,41 +381,27 @@ pub struct Session {
 
 impl Session {
     pub fn new(program: Arc<Program>, weights: Weights) -> Result<Session, Error> {
-        Self::from_executor(CpuExecutor::new(program, weights)?)
+        Self::on(Backend::Cpu, program, weights)
     }
 
     /// A single-rank program on `backend` (on the GPU: its kernels compiled, its weights
     /// uploaded).
     pub fn on(backend: Backend, program: Arc<Program>, weights: Weights) -> Result<Session, Error> {
-        match backend {
-            Backend::Cpu => Self::new(program, weights),
-            Backend::Cuda { ordinal, dtype } => Ok(Session {
-                executor: Executor::Cuda(Box::new(cuda_executor(
-                    program, &weights, ordinal, dtype,
-                )?)),
-                stale: None,
-            }),
-        }
+        Ok(Self::from_executor(Executor::on(
+            backend, program, weights,
+        )?))
     }
 
-    fn from_executor(executor: CpuExecutor) -> Result<Session, Error> {
-        let stale = executor.needs_stale_state().then(StaleState::default);
-        Ok(Session {
-            executor: Executor::Cpu(executor),
-            stale,
-        })
-    }
-
-    /// The GPU executor, for sessions on the CUDA backend (its memory, its device).
-    pub fn gpu(&self) -> Option<&GpuExecutor<CudaDevice>> {
-        match &self.executor {
-            Executor::Cuda(g) => Some(g),
-            Executor::Cpu(_) => None,
-        }
+    fn from_executor(executor: Executor) -> Session {
+        let stale = match &executor {
+            Executor::Cpu(e) => e.needs_stale_state().then(StaleState::default),
+            Executor::Cuda(_) => None,
+        };
+        Session { executor, stale }
     }
 
     /// Rank `rank` of a multi-rank program on `backend`, talking to the others through
-    /// `comm` (on the GPU, staged through the host: see `ditto_runtime::gpu`).
+    /// `comm` (on the GPU see `ditto_runtime::gpu` for how the ranks exchange).
     pub fn with_comm_on(
         backend: Backend,
         program: Arc<Program>,
@@ -430,15 +409,9 @@ impl Session {
         rank: usize,
         comm: Box<dyn Communicator>,
     ) -> Result<Session, Error> {
-        match backend {
-            Backend::Cpu => Self::with_comm(program, weights, rank, comm),
-            Backend::Cuda { ordinal, dtype } => Ok(Session {
-                executor: Executor::Cuda(Box::new(cuda_executor_with_comm(
-                    program, &weights, ordinal, dtype, rank, comm,
-                )?)),
-                stale: None,
-            }),
-        }
+        Ok(Self::from_executor(Executor::with_comm_on(
+            backend, program, weights, rank, comm,
+        )?))
     }
 
     /// Rank `rank` of a multi-rank program, talking to the others through `comm`.
@@ -448,22 +421,16 @@ impl Session {
         rank: usize,
         comm: Box<dyn Communicator>,
     ) -> Result<Session, Error> {
-        Self::from_executor(CpuExecutor::with_comm(program, weights, rank, comm)?)
+        Self::with_comm_on(Backend::Cpu, program, weights, rank, comm)
     }
 
     /// Bytes this rank sent, per collective (multi-rank sessions).
     pub fn comm_stats(&self) -> Option<&CommStats> {
-        match &self.executor {
-            Executor::Cpu(e) => e.comm_stats(),
-            Executor::Cuda(e) => e.comm_stats(),
-        }
+        self.executor.comm_stats()
     }
 
     pub fn program(&self) -> &Program {
-        match &self.executor {
-            Executor::Cpu(e) => e.program(),
-            Executor::Cuda(e) => e.program(),
-        }
+        self.executor.program()
     }
 
     /// Runs on named inputs, checking names and shapes against the program. A program
@@ -521,8 +488,7 @@ impl Session {
         }
         let outs = match (&mut self.executor, state) {
             (Executor::Cpu(e), Some(st)) => e.run_with_state(&bound, st)?,
-            (Executor::Cpu(e), None) => e.run(&bound)?,
-            (Executor::Cuda(e), _) => e.run(&bound)?,
+            (e, _) => e.run(&bound)?,
         };
         let program = self.program();
         Ok(program

@@ -704,33 +704,29 @@ impl<'a> EmulatedDevice<'a> {
         );
         (blob, off)
     }
-    fn read(&self, ptr: DevicePtr, d: StorageDType, n: usize) -> Vec<f32> {
-        let (b, off) = self.at(ptr);
-        let len = self.blobs[b].len() - CANARY;
-        assert!(off + n * d.bytes() <= len, "read past allocation {b}");
-        decode(&self.blobs[b][off..], d, n)
-    }
-    fn write(&mut self, ptr: DevicePtr, d: StorageDType, x: &[f32]) {
-        let (b, off) = self.at(ptr);
-        let bytes = encode(x, d);
-        assert!(
-            off + bytes.len() <= self.blobs[b].len() - CANARY,
-            "write past allocation {b}"
-        );
-        self.blobs[b][off..off + bytes.len()].copy_from_slice(&bytes);
-    }
-    fn with_collectives(mut self, comm: Box<dyn Communicator>) -> Self {
-        self.comm = Some(comm);
-        self
-    }
-    fn bytes(&mut self, ptr: DevicePtr, len: usize) -> Vec<u8> {
-        self.flush();
+    /// `len` bytes at `ptr`, as they are now (queued work not run).
+    fn slice(&self, ptr: DevicePtr, len: usize) -> &[u8] {
         let (b, off) = self.at(ptr);
         assert!(
             off + len <= self.blobs[b].len() - CANARY,
             "read past allocation {b}"
         );
-        self.blobs[b][off..off + len].to_vec()
+        &self.blobs[b][off..off + len]
+    }
+    fn read(&self, ptr: DevicePtr, d: StorageDType, n: usize) -> Vec<f32> {
+        decode(self.slice(ptr, n * d.bytes()), d, n)
+    }
+    fn write(&mut self, ptr: DevicePtr, d: StorageDType, x: &[f32]) {
+        self.put(ptr, &encode(x, d));
+    }
+    fn with_collectives(mut self, comm: Box<dyn Communicator>) -> Self {
+        self.comm = Some(comm);
+        self
+    }
+    /// `len` bytes at `ptr` once the queued work has run.
+    fn bytes(&mut self, ptr: DevicePtr, len: usize) -> Vec<u8> {
+        self.flush();
+        self.slice(ptr, len).to_vec()
     }
     fn put(&mut self, ptr: DevicePtr, data: &[u8]) {
         let (b, off) = self.at(ptr);
@@ -812,12 +808,8 @@ impl Device for EmulatedDevice<'_> {
     }
     fn upload(&mut self, dst: DevicePtr, data: &[u8]) -> Result<(), GpuError> {
         self.flush();
+        self.put(dst, data);
         let (b, off) = self.at(dst);
-        assert!(
-            off + data.len() <= self.blobs[b].len() - CANARY,
-            "upload past allocation {b}"
-        );
-        self.blobs[b][off..off + data.len()].copy_from_slice(data);
         if b < self.read_only {
             assert_eq!(off, 0, "weights and inputs are uploaded whole");
             self.uploaded.insert(b, data.to_vec());
@@ -825,9 +817,7 @@ impl Device for EmulatedDevice<'_> {
         Ok(())
     }
     fn download(&mut self, src: DevicePtr, len: usize) -> Result<Vec<u8>, GpuError> {
-        self.flush();
-        let (b, off) = self.at(src);
-        Ok(self.blobs[b][off..off + len].to_vec())
+        Ok(self.bytes(src, len))
     }
     fn load_kernels(
         &mut self,

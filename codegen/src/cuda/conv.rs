@@ -14,7 +14,7 @@ use std::fmt::Write;
 
 use super::elementwise::{self, Elementwise, Emitted, Operand};
 use super::emit::{self, Needs, NAME, THREADS};
-use super::plan::{launch, Builder, Ctx, KArg, Launch};
+use super::plan::{launch, Builder, Ctx, KArg, Launch, LibraryOp, StepPlan};
 use super::StorageDType;
 use crate::program::{KInstr, ValueId};
 
@@ -79,17 +79,9 @@ impl Geometry {
     }
 }
 
-/// Bytes of the column matrix a convolution needs in scratch (its storage type: the
-/// weight's, which the GEMM reads both operands in).
-pub(crate) fn scratch_bytes(cx: &Ctx, x: ValueId, w: ValueId, out: ValueId) -> usize {
-    let (xs, os) = (cx.shape(x), cx.shape(out));
-    let n = xs.first().copied().unwrap_or(0);
-    let pixels: usize = os.iter().skip(2).product();
-    let depth: usize = cx.shape(w).iter().skip(1).product();
-    (n * pixels * depth * cx.dtype(w).bytes()).next_multiple_of(16)
-}
-
-/// The launches of a convolution step: im2col into the scratch, then the bias into `out`.
+/// The plan of a convolution step: im2col into the scratch (the column matrix, in the
+/// weight's storage type, which the GEMM reads both operands in), then the bias into
+/// `out`, then the library's GEMM.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     b: &mut Builder,
@@ -100,10 +92,15 @@ pub(crate) fn conv2d(
     out: ValueId,
     stride: usize,
     pad: usize,
-) -> Result<Vec<Launch>, String> {
+) -> Result<StepPlan, String> {
     let g = Geometry::of(cx, x, w, bias, out, stride, pad)?;
+    let mut plan = StepPlan {
+        library: Some(LibraryOp::Conv2d),
+        scratch_bytes: (g.n * g.pixels() * g.depth() * cx.dtype(w).bytes()).next_multiple_of(16),
+        ..StepPlan::default()
+    };
     if g.n * g.pixels() * g.depth() == 0 || cx.numel(out) == 0 {
-        return Ok(vec![]);
+        return Ok(plan);
     }
     let mut l = vec![im2col(b, cx, &g, x, w, stride, pad)];
     let od = cx.dtype(out);
@@ -127,7 +124,8 @@ pub(crate) fn conv2d(
         },
     )?;
     l.extend(fill.map(|e| launch(e, vec![KArg::Value(out), KArg::Value(bias)])));
-    Ok(l)
+    plan.launches = l;
+    Ok(plan)
 }
 
 fn im2col(

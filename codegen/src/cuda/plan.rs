@@ -415,12 +415,7 @@ fn step_plan(b: &mut Builder, cx: &Ctx, step: &Step) -> Result<StepPlan, String>
             out,
             stride,
             pad,
-        } => StepPlan {
-            launches: conv::conv2d(b, cx, *x, *w, *bias, *out, *stride, *pad)?,
-            library: Some(LibraryOp::Conv2d),
-            scratch_bytes: conv::scratch_bytes(cx, *x, *w, *out),
-            seq_attention: None,
-        },
+        } => conv::conv2d(b, cx, *x, *w, *bias, *out, *stride, *pad)?,
         Step::Attention {
             q,
             k,

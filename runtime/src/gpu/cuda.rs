@@ -61,13 +61,9 @@ pub struct CudaDevice {
 impl CudaDevice {
     /// Opens GPU `ordinal` (its primary context, as the runtime API would).
     pub fn new(ordinal: usize) -> Result<CudaDevice, GpuError> {
-        libraries::require(Library::Driver)?;
+        // The driver first: without one, that is the error to report.
+        Self::check_ordinal(ordinal)?;
         libraries::require(Library::CublasLt)?;
-        drv::init().map_err(driver("cuInit"))?;
-        let count = drv::device::get_count().map_err(driver("cuDeviceGetCount"))? as usize;
-        if ordinal >= count {
-            return Err(GpuError::NoDevice { ordinal, count });
-        }
         let dev = drv::device::get(ordinal as i32).map_err(driver("cuDeviceGet"))?;
         // SAFETY: `dev` came from cuDeviceGet.
         let ctx =
@@ -119,6 +115,15 @@ impl CudaDevice {
         libraries::require(Library::Driver)?;
         drv::init().map_err(driver("cuInit"))?;
         Ok(drv::device::get_count().map_err(driver("cuDeviceGetCount"))? as usize)
+    }
+
+    /// Whether GPU `ordinal` exists (the driver loaded), without opening it.
+    pub fn check_ordinal(ordinal: usize) -> Result<(), GpuError> {
+        let count = Self::count()?;
+        if ordinal >= count {
+            return Err(GpuError::NoDevice { ordinal, count });
+        }
+        Ok(())
     }
 
     /// The GPU's compute capability, e.g. (9, 0) for an H100.

@@ -60,6 +60,9 @@ pub struct GpuExecutor<D: Device> {
     scratch: DevicePtr,
     memory: MemoryReport,
     graph: Graph,
+    /// Every step's launches with their arguments resolved, once: the addresses never
+    /// change, and programs that are not captured enqueue them on every run.
+    bound: Vec<Vec<BoundLaunch>>,
 }
 
 /// The (m, k, n) a linear step's operands must have.
@@ -191,7 +194,7 @@ impl<D: Device> GpuExecutor<D> {
                 Some(LibraryOp::Collective | LibraryOp::Attention)
             )
         });
-        Ok(GpuExecutor {
+        let mut exec = GpuExecutor {
             program,
             plan,
             device,
@@ -208,13 +211,15 @@ impl<D: Device> GpuExecutor<D> {
             buffers: bptr,
             scratch,
             memory,
-        })
-    }
-
-    /// Enqueues the steps anew on every run instead of replaying a captured graph.
-    pub fn without_graphs(mut self) -> Self {
-        self.graph = Graph::Never;
-        self
+            bound: Vec::new(),
+        };
+        exec.bound = exec
+            .plan
+            .steps
+            .iter()
+            .map(|sp| sp.launches.iter().map(|l| exec.bind(l)).collect())
+            .collect::<Result<_, _>>()?;
+        Ok(exec)
     }
 
     pub fn program(&self) -> &Program {
@@ -227,10 +232,6 @@ impl<D: Device> GpuExecutor<D> {
 
     pub fn device(&self) -> &D {
         &self.device
-    }
-
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.device
     }
 
     pub fn memory(&self) -> MemoryReport {
@@ -279,15 +280,7 @@ impl<D: Device> GpuExecutor<D> {
                 .upload(self.inputs[i], &encode(x, self.plan.input_dtypes[i]))?;
         }
         self.enqueue_steps()?;
-        p.outputs
-            .iter()
-            .map(|&(_, v)| {
-                let d = self.plan.value_dtypes[v];
-                let n = p.values[v].numel();
-                let bytes = self.device.download(self.ptr(v)?, n * d.bytes())?;
-                Ok(decode(&bytes, d, n))
-            })
-            .collect()
+        p.outputs.iter().map(|&(_, v)| self.read(v)).collect()
     }
 
     /// The steps, as a graph from the third run on when the device can capture one.
@@ -418,20 +411,19 @@ impl<D: Device> GpuExecutor<D> {
             unreachable!("checked by check_plan");
         };
         let group = Group::new(self.program.mesh.group(self.rank, mesh));
-        if self.device.collectives() && group.size() > 1 {
-            let bytes = self.program.values[x].numel() * self.plan.value_dtypes[x].bytes();
+        let bytes = self.program.values[x].numel() * self.plan.value_dtypes[x].bytes();
+        if group.size() == 1 {
+            return self.device.copy(self.scratch, self.ptr(x)?, bytes);
+        }
+        if self.device.collectives() {
             return self
                 .device
                 .all_gather(&group, self.ptr(x)?, self.scratch, bytes);
         }
         let local = self.read(x)?;
         let mut gathered = vec![0.0f32; local.len() * group.size()];
-        if group.size() == 1 {
-            gathered.copy_from_slice(&local);
-        } else {
-            self.comm_for(step)?
-                .all_gather(&group, &local, &mut gathered)?;
-        }
+        self.comm_for(step)?
+            .all_gather(&group, &local, &mut gathered)?;
         let bytes = encode(&gathered, self.plan.value_dtypes[x]);
         self.device.upload(self.scratch, &bytes)
     }
@@ -464,11 +456,6 @@ impl<D: Device> GpuExecutor<D> {
         let layout = sp
             .seq_attention
             .ok_or_else(|| GpuError::Plan(format!("step {si}: no attention layout")))?;
-        let launches: Vec<BoundLaunch> = sp
-            .launches
-            .iter()
-            .map(|l| self.bind(l))
-            .collect::<Result<_, _>>()?;
         let a = SeqAttn {
             method,
             batch,
@@ -486,12 +473,14 @@ impl<D: Device> GpuExecutor<D> {
         } else {
             Some((self.read(q)?, self.read(k)?, self.read(v)?))
         };
-        let qkv = [q, k, v].map(|x| {
-            (
-                self.ptr(x),
+        // Where q, k, v are and their bytes, for the exchange on the device.
+        let mut qkv = [(0u64, 0usize); 3];
+        for (slot, x) in qkv.iter_mut().zip([q, k, v]) {
+            *slot = (
+                self.ptr(x)?,
                 self.program.values[x].numel() * plan.value_dtypes[x].bytes(),
-            )
-        });
+            );
+        }
         let mut o = vec![
             0.0f32;
             if on_device {
@@ -505,6 +494,7 @@ impl<D: Device> GpuExecutor<D> {
             device,
             comm,
             parallel_stats,
+            bound,
             ..
         } = self;
         let comm: Option<&mut dyn Communicator> = match comm {
@@ -531,7 +521,7 @@ impl<D: Device> GpuExecutor<D> {
             }
             let mut blocks = DeviceBlocks {
                 device,
-                launches: &launches,
+                launches: &bound[si],
                 scratch,
                 layout,
                 dtype,
@@ -539,15 +529,7 @@ impl<D: Device> GpuExecutor<D> {
             };
             blocks.upload_masks()?;
             match &host {
-                None => {
-                    let mut ptrs = [0u64; 3];
-                    let mut bytes = [0usize; 3];
-                    for (i, (p, n)) in qkv.iter().enumerate() {
-                        ptrs[i] = *p.as_ref().map_err(|e| GpuError::Plan(e.to_string()))?;
-                        bytes[i] = *n;
-                    }
-                    blocks.exchange_on_device(&g, ptrs, bytes)
-                }
+                None => blocks.exchange_on_device(&g, qkv),
                 Some((qh, kh, vh)) => parallel::around_ulysses(
                     &mut ctx,
                     &g.ulysses,
@@ -576,10 +558,8 @@ impl<D: Device> GpuExecutor<D> {
     }
 
     fn launches(&mut self, si: usize) -> Result<(), GpuError> {
-        let plan = self.plan.clone();
-        for l in &plan.steps[si].launches {
-            let bound = self.bind(l)?;
-            bound.enqueue(&mut self.device)?;
+        for l in &self.bound[si] {
+            l.enqueue(&mut self.device)?;
         }
         Ok(())
     }
@@ -708,8 +688,7 @@ impl<D: Device> DeviceBlocks<'_, D> {
     fn exchange_on_device(
         &mut self,
         g: &parallel::SeqGroups,
-        qkv: [DevicePtr; 3],
-        bytes: [usize; 3],
+        qkv: [(DevicePtr, usize); 3],
     ) -> Result<(), crate::RuntimeError> {
         let l = self.layout;
         let ix = l.launches();
@@ -729,7 +708,7 @@ impl<D: Device> DeviceBlocks<'_, D> {
                 }
             }
             _ => {
-                for ((src, n), dst) in qkv.into_iter().zip(bytes).zip([l.q, l.k, l.v]) {
+                for ((src, n), dst) in qkv.into_iter().zip([l.q, l.k, l.v]) {
                     self.device.copy(self.at(dst), src, n)?;
                 }
             }
