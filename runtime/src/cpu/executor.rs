@@ -674,29 +674,9 @@ impl CpuExecutor {
                 }
             }
             Step::SeqAttention {
-                q,
-                k,
-                v,
-                method,
-                batch,
-                sq,
-                sk,
-                heads,
-                head_dim,
-                scale,
-                key_segments,
-                ..
+                q, k, v, method, ..
             } => {
-                let a = SeqAttn {
-                    method: *method,
-                    batch: *batch,
-                    sq: *sq,
-                    sk: *sk,
-                    heads: *heads,
-                    head_dim: *head_dim,
-                    scale: *scale,
-                    key_segments,
-                };
+                let a = SeqAttn::of(step).expect("a sequence-parallel attention");
                 result = match (method, state) {
                     (SeqMethod::Displaced, Some(st)) => {
                         self.parallel_stats.seq_attentions += 1;

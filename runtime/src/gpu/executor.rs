@@ -434,38 +434,15 @@ impl<D: Device> GpuExecutor<D> {
     /// exchanged through the host as the CPU backend does (the same code), and the output
     /// uploaded.
     fn seq_attention(&mut self, si: usize, step: &Step) -> Result<(), GpuError> {
-        let Step::SeqAttention {
-            q,
-            k,
-            v,
-            out,
-            method,
-            batch,
-            sq,
-            sk,
-            heads,
-            head_dim,
-            scale,
-            ref key_segments,
-        } = *step
-        else {
+        let (Step::SeqAttention { q, k, v, out, .. }, Some(a)) = (step, SeqAttn::of(step)) else {
             unreachable!("checked by check_plan");
         };
+        let (q, k, v, out) = (*q, *k, *v, *out);
         let plan = self.plan.clone();
         let sp = &plan.steps[si];
         let layout = sp
             .seq_attention
             .ok_or_else(|| GpuError::Plan(format!("step {si}: no attention layout")))?;
-        let a = SeqAttn {
-            method,
-            batch,
-            sq,
-            sk,
-            heads,
-            head_dim,
-            scale,
-            key_segments,
-        };
         let dtype = plan.value_dtypes[q];
         let on_device = self.device.collectives();
         let host = if on_device {
@@ -525,7 +502,7 @@ impl<D: Device> GpuExecutor<D> {
                 scratch,
                 layout,
                 dtype,
-                segments: key_segments,
+                segments: a.key_segments,
             };
             blocks.upload_masks()?;
             match &host {

@@ -248,6 +248,36 @@ pub struct SeqAttn<'a> {
     pub key_segments: &'a [Segment],
 }
 
+impl<'a> SeqAttn<'a> {
+    /// The attention parameters of `step`, when it is a `Step::SeqAttention`.
+    pub fn of(step: &'a Step) -> Option<SeqAttn<'a>> {
+        let Step::SeqAttention {
+            method,
+            batch,
+            sq,
+            sk,
+            heads,
+            head_dim,
+            scale,
+            key_segments,
+            ..
+        } = step
+        else {
+            return None;
+        };
+        Some(SeqAttn {
+            method: *method,
+            batch: *batch,
+            sq: *sq,
+            sk: *sk,
+            heads: *heads,
+            head_dim: *head_dim,
+            scale: *scale,
+            key_segments,
+        })
+    }
+}
+
 /// `Step::SeqAttention`: attention of this rank's query rows over every Sp rank's valid
 /// keys.
 ///
